@@ -1,0 +1,48 @@
+"""seedreg: exactly reproducible, auditable PyTorch training.
+
+One :class:`SeedSession` per experiment derives a seed per component from (master seed, purpose,
+instance id), records it, hands out seeded builders, and writes a manifest a run can be replayed
+and verified from. Importing seedreg changes no global state.
+"""
+
+from ._version import __version__
+from .attribution import StepCheckpoints, make_subset_mask
+from .data import SeededDataLoader
+from .derive import SCHEMES, derive_seed
+from .determinism import DeterminismSettings
+from .errors import (
+    DeterminismViolation,
+    ManifestError,
+    ManifestWriteError,
+    ReplayMismatchError,
+    SeedCollisionError,
+    SeedregError,
+    StateError,
+)
+from .fingerprint import fingerprint
+from .manifest import Manifest
+from .registry import SeedRecord
+from .sampler import DeterministicSampler
+from .session import SeedSession
+
+__all__ = [
+    "DeterminismSettings",
+    "DeterminismViolation",
+    "DeterministicSampler",
+    "Manifest",
+    "ManifestError",
+    "ManifestWriteError",
+    "ReplayMismatchError",
+    "SCHEMES",
+    "SeedCollisionError",
+    "SeedRecord",
+    "SeedSession",
+    "SeededDataLoader",
+    "SeedregError",
+    "StateError",
+    "StepCheckpoints",
+    "__version__",
+    "derive_seed",
+    "fingerprint",
+    "make_subset_mask",
+]

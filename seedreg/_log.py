@@ -1,0 +1,19 @@
+"""seedreg's logger: structlog over the stdlib logger "seedreg", quiet unless the application
+turns it up (``logging.getLogger("seedreg").setLevel(logging.DEBUG)`` plus a handler, or
+``logging.basicConfig(level=logging.DEBUG)``). Importing seedreg configures nothing globally.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import structlog
+
+logger = structlog.wrap_logger(
+    logging.getLogger("seedreg"),
+    wrapper_class=structlog.stdlib.BoundLogger,
+    processors=[
+        structlog.stdlib.filter_by_level,
+        structlog.processors.KeyValueRenderer(key_order=["event"], sort_keys=True),
+    ],
+)

@@ -1,0 +1,176 @@
+"""The ``seedreg`` command: derive, show, diff, env, demo.
+
+Errors (a missing file, a corrupt manifest, bad arguments) print one line to stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import tempfile
+from typing import Any, List, Optional, Sequence
+
+from .derive import DEFAULT_SCHEME, SCHEMES, derive_seed
+from .errors import SeedregError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _instance_id(text: str) -> Any:
+    """An instance id from the command line: digits are an int (as in LDS ids), 's:TEXT' forces a str."""
+    if text.startswith("s:"):
+        return text[2:]
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return text
+
+
+def _cmd_derive(args: argparse.Namespace) -> int:
+    try:
+        master = int(args.master)
+    except ValueError:
+        raise ValueError(f"MASTER must be an int in [0, 2**32 - 1], got {args.master!r}.") from None
+    instance = None if args.instance_id is None else _instance_id(args.instance_id)
+    print(derive_seed(master, args.purpose, instance, scheme=args.scheme))
+    return 0
+
+
+def _rows_table(rows: List[List[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from .manifest import Manifest
+
+    m = Manifest.load(args.manifest)
+    if args.json:
+        print(json.dumps(m.to_dict(), indent=2, sort_keys=True))
+        return 0
+    print(f"manifest {args.manifest}")
+    print(f"master seed {m.master_seed}, scheme {m.scheme}, world size {m.world_size}, seedreg {m.seedreg_version}")
+    rows = [["purpose", "instance", "seed", "kind", "uses", "what"]]
+    for r in m.records:
+        what = r.details.get("fingerprint") or ""
+        if r.kind == "dataloader":
+            d = r.details
+            what = f"{d.get('dataset_size')} examples, batch {d.get('batch_size')}, shuffle={d.get('shuffle')}, workers={d.get('num_workers')}"
+        elif r.kind == "subset_mask":
+            what = f"n={r.details.get('num_examples')} alpha={r.details.get('alpha')} mode={r.details.get('mode')}"
+        elif what:
+            what = f"{r.details.get('class', '').rsplit('.', 1)[-1]} {what[:23]}..."
+        rows.append([r.purpose, repr(r.instance_id), str(r.seed), r.kind, str(r.uses), what])
+    print(f"\nrecords ({len(m.records)})")
+    print(_rows_table(rows))
+    print("\nsettings: " + ", ".join(f"{k}={v}" for k, v in sorted(m.settings.items())))
+    print("applied: " + (", ".join(f"{k}={v}" for k, v in sorted(m.applied.items())) or "(setup() was not called)"))
+    print("\nenvironment")
+    for k, v in sorted(m.environment.items()):
+        print(f"  {k}: {v}")
+    print(f"\nviolations ({len(m.violations)})")
+    for v in m.violations:
+        print(f"  {v['kind']}: {v['message']}")
+    if m.replay is not None:
+        r = m.replay
+        print(f"\nreplay: verdict {r.get('verdict')}; missing {len(r.get('missing', []))}, new {len(r.get('new', []))}, mismatches {len(r.get('mismatches', []))}")
+        for reason in r.get("reasons", []):
+            print(f"  {reason}")
+    return 0
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from .manifest import Manifest
+
+    a, b = Manifest.load(args.a), Manifest.load(args.b)
+    lines = a.diff(b)
+    if not lines:
+        print("the manifests agree")
+        return 0
+    print(f"{len(lines)} difference(s):")
+    for line in lines:
+        print(f"  {line}")
+    return 1
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    from .determinism import environment, readiness
+
+    env = environment()
+    if args.json:
+        print(json.dumps({"environment": env, "checks": readiness(env)}, indent=2, sort_keys=True))
+        return 0
+    print("environment")
+    for k, v in sorted(env.items()):
+        print(f"  {k}: {v}")
+    print("\ndeterminism readiness")
+    for check in readiness(env):
+        print(f"  [{check['status']}] {check['message']}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    if args.out is None:
+        out = pathlib.Path(tempfile.mkdtemp(prefix="seedreg-demo-"))
+    else:
+        out = pathlib.Path(args.out)
+    return 0 if run_demo(out, master_seed=args.seed, epochs=args.epochs, workers=args.workers) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="seedreg", description="Reproducible, auditable PyTorch training: seeds, manifests, replay.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("derive", help="print the seed of (MASTER, PURPOSE, INSTANCE_ID)")
+    p.add_argument("master")
+    p.add_argument("purpose")
+    p.add_argument("instance_id", nargs="?", help="digits are an int; prefix with s: to force a str")
+    p.add_argument("--scheme", default=DEFAULT_SCHEME, choices=sorted(SCHEMES))
+    p.set_defaults(fn=_cmd_derive)
+    p = sub.add_parser("show", help="show a manifest: records, settings, environment, violations")
+    p.add_argument("manifest")
+    p.add_argument("--json", action="store_true", help="print the validated manifest as JSON")
+    p.set_defaults(fn=_cmd_show)
+    p = sub.add_parser("diff", help="what differs between two manifests; exit 1 if anything does")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.set_defaults(fn=_cmd_diff)
+    p = sub.add_parser("env", help="this machine's determinism readiness")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_env)
+    p = sub.add_parser("demo", help="train, write the manifest, replay it in a fresh process, compare")
+    p.add_argument("--out", help="directory for the manifests and weights (default: a new temporary one)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(fn=_cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return int(args.fn(args))
+    except _UsageError as exc:
+        print(f"{exc} (see 'seedreg --help')", file=sys.stderr)
+        return 2
+    except (SeedregError, ValueError, TypeError, OSError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"seedreg: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""What ``SeedSession.build_dataloader`` assembles.
+
+- :class:`ExampleSeededDataset` wraps the user's dataset. Before ``dataset[i]`` is fetched it seeds
+  python's `random`, numpy's global RNG and torch's CPU generator from a hash of (loader seed,
+  epoch, i), so augmentation depends on the example and the epoch alone: not on the worker, the
+  batch or ``num_workers``. In the main process the global state is put back after each batch, so
+  data loading never shifts the training loop's own random draws (dropout).
+- The loader's index sampler yields ``(epoch, indices)`` per batch: the epoch travels with the
+  indices, so it reaches persistent workers too (a plain ``set_epoch`` never does).
+- :class:`SeededDataLoader` counts the batches the training loop actually took (not what workers
+  prefetched); that count is the position a ``state_dict`` resumes from.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, get_worker_info
+
+from .derive import mix_seed
+from .errors import StateError
+from .rng import seed_numpy_global
+from .sampler import DeterministicSampler
+
+__all__ = ["ExampleSeededDataset", "SeededDataLoader", "example_seeds"]
+
+_EXAMPLE_STREAM = 0x5EED_0002
+_WORKER_STREAM = 0x5EED_0003
+_BASE_STREAM = 0x5EED_0004
+_default_generator = torch.default_generator
+
+import hashlib as _hashlib
+import struct as _struct
+
+_pack4 = _struct.Struct("<4Q").pack
+_sha256 = _hashlib.sha256
+_from_bytes = int.from_bytes
+
+
+def example_seeds(loader_seed: int, epoch: int, index: int) -> Tuple[int, int, int]:
+    """The (python, numpy, torch) seeds of example `index` in `epoch`: three slices of one SHA-256."""
+    d = _sha256(_pack4(_EXAMPLE_STREAM, loader_seed, epoch, index)).digest()
+    return _from_bytes(d[0:8], "little"), _from_bytes(d[8:12], "little"), _from_bytes(d[16:24], "little")
+
+
+def _seed_example(loader_seed: int, epoch: int, index: int) -> None:
+    d = _sha256(_pack4(_EXAMPLE_STREAM, loader_seed, epoch, index)).digest()
+    random.seed(_from_bytes(d[0:8], "little"))
+    np.random.seed(_from_bytes(d[8:12], "little"))
+    _default_generator.manual_seed(_from_bytes(d[16:24], "little"))
+
+
+class ExampleSeededDataset(torch.utils.data.Dataset):
+    """The user's map-style dataset, fetched with per-example random streams.
+
+    Keys are ``(epoch, index)`` for one example or ``(epoch, [indices])`` for a batch. Attributes
+    not found here are looked up on the wrapped `dataset`. With `weights` (a bool array over the
+    dataset), each example comes back as ``(example, weight)``, 1.0 where kept and 0.0 where not.
+    """
+
+    def __init__(self, dataset: Any, seed: int, *, per_example: bool = True, weights: Optional[np.ndarray] = None) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.per_example = per_example
+        self.weights = weights
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "seed", "per_example", "weights") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def _fetch(self, epoch: int, indices: List[int]) -> List[Any]:
+        dataset = self.dataset
+        if not self.per_example:
+            getitems = getattr(dataset, "__getitems__", None)
+            return list(getitems(indices)) if getitems else [dataset[i] for i in indices]
+        seed = self.seed
+        out = []
+        if get_worker_info() is not None:
+            for i in indices:
+                _seed_example(seed, epoch, i)
+                out.append(dataset[i])
+            return out
+        py, npst, cpu = random.getstate(), np.random.get_state(), _default_generator.get_state()
+        try:
+            for i in indices:
+                _seed_example(seed, epoch, i)
+                out.append(dataset[i])
+        finally:
+            random.setstate(py)
+            np.random.set_state(npst)
+            _default_generator.set_state(cpu)
+        return out
+
+    def _weighted(self, indices: List[int], items: List[Any]) -> List[Any]:
+        if self.weights is None:
+            return items
+        w = self.weights
+        return [(item, 1.0 if w[i] else 0.0) for i, item in zip(indices, items)]
+
+    def __getitems__(self, key: Tuple[int, List[int]]) -> List[Any]:
+        epoch, indices = key
+        return self._weighted(indices, self._fetch(epoch, indices))
+
+    def __getitem__(self, key: Tuple[int, int]) -> Any:
+        epoch, index = key
+        return self._weighted([index], self._fetch(epoch, [index]))[0]
+
+
+class _WorkerInit:
+    """Seeds a worker from (loader seed, epoch, worker id), then runs the user's worker_init_fn."""
+
+    def __init__(self, seed: int, user_fn: Optional[Callable[[int], None]]) -> None:
+        self.seed = seed
+        self.epoch = 0
+        self.user_fn = user_fn
+
+    def __call__(self, worker_id: int) -> None:
+        s = mix_seed(_WORKER_STREAM, self.seed, self.epoch, worker_id)
+        random.seed(s)
+        seed_numpy_global(s)
+        _default_generator.manual_seed(s)
+        if self.user_fn is not None:
+            self.user_fn(worker_id)
+
+
+class _KeyedBatches:
+    """The loader's index sampler: the sampler's indices, batched, each batch tagged with its epoch."""
+
+    def __init__(self, loader: "SeededDataLoader") -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        n, bs = len(self.loader.sampler), self.loader._batch
+        if bs is None:
+            return n
+        return n // bs if self.loader.drop_last else -(-n // bs)
+
+    def __iter__(self) -> Iterator[Any]:
+        loader = self.loader
+        sampler: DeterministicSampler = loader.sampler
+        indices = sampler.begin_epoch()  # eagerly: the epoch is fixed before workers start
+        epoch = sampler.epoch
+        loader._begin(epoch, sampler.position)
+        return self._batches(epoch, indices, loader._batch, loader.drop_last)
+
+    @staticmethod
+    def _batches(epoch: int, indices: List[int], bs: Optional[int], drop_last: bool) -> Iterator[Any]:
+        if bs is None:
+            for i in indices:
+                yield (epoch, i)
+            return
+        stop = len(indices) - len(indices) % bs if drop_last else len(indices)
+        for start in range(0, stop, bs):
+            yield (epoch, indices[start : start + bs])
+
+
+class _Tracked:
+    """The iterator a SeededDataLoader hands out: counts what the loop took."""
+
+    __slots__ = ("_loader", "_it")
+
+    def __init__(self, loader: "SeededDataLoader", it: Any) -> None:
+        self._loader = loader
+        self._it = it
+
+    def __iter__(self) -> "_Tracked":
+        return self
+
+    def __len__(self) -> int:
+        return len(self._it)
+
+    def __next__(self) -> Any:
+        loader = self._loader
+        if loader._before_batch is not None:
+            loader._before_batch()
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            sampler = loader.sampler
+            sampler.position = len(sampler)
+            sampler._exhausted = True
+            raise
+        sampler = loader.sampler
+        step = 1 if loader._batch is None else loader._batch
+        sampler.position = min(sampler.position + step, sampler.num_samples)
+        return batch
+
+
+class SeededDataLoader(DataLoader):
+    """A :class:`~torch.utils.data.DataLoader` whose order, augmentation and position are seedreg's.
+
+    Built by ``SeedSession.build_dataloader``; ``.sampler`` is its :class:`DeterministicSampler`.
+    ``set_epoch``, ``state_dict`` and ``load_state_dict`` work as in PyTorch.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        sampler: DeterministicSampler,
+        seed: int,
+        instance_id: Any = None,
+        batch_size: Optional[int] = 1,
+        drop_last: bool = False,
+        seed_per_example: bool = True,
+        weights: Optional[np.ndarray] = None,
+        worker_init_fn: Optional[Callable[[int], None]] = None,
+        **kwargs: Any,
+    ) -> None:
+        self._batch = batch_size
+        self._keyed = _KeyedBatches(self)
+        self._seed = seed
+        self._instance_id = instance_id
+        self._before_batch: Optional[Callable[[], None]] = None
+        self._generator = torch.Generator()
+        wrapped = ExampleSeededDataset(dataset, seed, per_example=seed_per_example, weights=weights)
+        super().__init__(
+            wrapped,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            generator=self._generator,
+            worker_init_fn=_WorkerInit(seed, worker_init_fn),
+            **kwargs,
+        )
+
+    @property
+    def _index_sampler(self) -> _KeyedBatches:  # type: ignore[override]
+        return self._keyed
+
+    @property
+    def seed(self) -> int:
+        """The loader's seed (purpose "dataloader" in the session's registry)."""
+        return self._seed
+
+    @property
+    def instance_id(self) -> Any:
+        return self._instance_id
+
+    def _begin(self, epoch: int, position: int) -> None:
+        # DataLoader draws its workers' base seed from our generator right after this: derive it
+        # from (seed, epoch) so that nothing about an epoch depends on what came before it.
+        self._generator.manual_seed(mix_seed(_BASE_STREAM, self._seed, epoch))
+        self.worker_init_fn.epoch = epoch
+
+    def __iter__(self) -> _Tracked:  # type: ignore[override]
+        return _Tracked(self, super().__iter__())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Iterate `epoch` next (as ``DistributedSampler.set_epoch``); reaches workers too."""
+        self.sampler.set_epoch(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def state_dict(self) -> Dict[str, Any]:
+        """JSON-native: the sampler's state (seed, epoch, position) and the batch size."""
+        return {"instance_id": self._instance_id, "batch_size": self._batch, "drop_last": self.drop_last, "sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume at the first batch not consumed when `state` was taken."""
+        if not isinstance(state, Mapping):
+            raise StateError(f"loader state must be a dict, got {type(state).__name__}.")
+        for key in ("instance_id", "batch_size", "drop_last"):
+            if key not in state:
+                raise StateError(f"loader state is missing {key!r}.")
+            mine = getattr(self, "_instance_id" if key == "instance_id" else ("_batch" if key == "batch_size" else key))
+            if state[key] != mine or type(state[key]) is not type(mine):
+                raise StateError(
+                    f"loader state has {key}={state[key]!r} but this loader has {key}={mine!r}; "
+                    f"rebuild the loader as the run that saved the state did."
+                )
+        if "sampler" not in state:
+            raise StateError("loader state is missing 'sampler'.")
+        self.sampler.load_state_dict(state["sampler"])

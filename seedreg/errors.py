@@ -1,0 +1,45 @@
+"""The exceptions seedreg raises.
+
+Every error is a :class:`SeedregError` and also the builtin a caller would expect, so that
+``except ValueError`` keeps working around seedreg calls.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ManifestError",
+    "ManifestWriteError",
+    "ReplayMismatchError",
+    "SeedCollisionError",
+    "SeedregError",
+    "StateError",
+    "DeterminismViolation",
+]
+
+
+class SeedregError(Exception):
+    """Base class of every error raised by seedreg."""
+
+
+class SeedCollisionError(SeedregError, ValueError):
+    """Two different components would receive the same seed (or the same derivation input)."""
+
+
+class ManifestError(SeedregError, ValueError):
+    """A manifest is malformed, corrupt, of an unknown version, or fails its checksum."""
+
+
+class ManifestWriteError(SeedregError, OSError):
+    """A manifest could not be written; the file that was there before is left untouched."""
+
+
+class ReplayMismatchError(SeedregError, ValueError):
+    """A replayed run asked for something the recorded run did not have, or got a different value."""
+
+
+class StateError(SeedregError, ValueError):
+    """A ``state_dict`` is malformed or belongs to a different run (seed, scheme, world size)."""
+
+
+class DeterminismViolation(SeedregError, RuntimeError):
+    """An operation without a deterministic implementation ran in strict mode."""

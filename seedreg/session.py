@@ -1,0 +1,525 @@
+"""SeedSession: the one object an experiment holds.
+
+It owns the global deterministic setup, derives and records a seed per component, and hands out
+builders bound to itself, so that everything random in a run is seeded, independent, recorded and
+replayable. Constructing a session changes no global state; ``setup()`` does, once.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+
+import numpy as np
+import torch
+
+from . import distributed as _dist
+from .attribution import make_subset_mask
+from .data import SeededDataLoader
+from .derive import DEFAULT_SCHEME, InstanceId, check_instance_id, check_master_seed, check_scheme
+from .determinism import DeterminismSettings, ViolationLog, apply_settings, environment
+from .errors import ReplayMismatchError, SeedregError, StateError
+from .fingerprint import fingerprint
+from .manifest import Manifest, PathLike, record_from_dict
+from .registry import _ID_TYPES, Registry, SeedRecord, record_to_dict
+from .replay import replay_report
+from .rng import Fork, capture_global, decode_global, restore_global, seed_globals
+from .sampler import DeterministicSampler, subset_indices
+
+__all__ = ["SeedSession"]
+
+from ._log import logger as log
+
+STATE_FORMAT = "seedreg-state"
+STATE_VERSION = 1
+_REFUSED_LOADER_ARGS = {
+    "sampler": "the session supplies a DeterministicSampler; pass shuffle= and subset= instead",
+    "batch_sampler": "the session batches its own sampler; pass batch_size= and drop_last= instead",
+    "generator": "the session supplies a generator seeded from the loader's seed",
+}
+
+
+def _jsonable(value: Any) -> Any:
+    """Best-effort JSON-native copy of small config values (tuples become lists, others their repr)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else repr(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return repr(value)
+
+
+class SeedSession:
+    """Seeds, records and replays every source of randomness in one experiment.
+
+    >>> session = SeedSession(42)
+    >>> session.seed("model", "training")
+    1958051794
+    >>> [r.kind for r in session.records]
+    ['seed']
+
+    Parameters mirror what ``setup()`` applies: `deterministic` turns on PyTorch's deterministic
+    algorithms, cuDNN's deterministic mode and ``CUBLAS_WORKSPACE_CONFIG``; `warn_only` lets ops
+    without a deterministic kernel run (recorded as violations) instead of raising;
+    `fill_uninitialized_memory` is torch's setting of that name (its largest cost on GPUs).
+    `rank` / `world_size` default to torch.distributed's, then torchrun's environment, then 0 / 1.
+    """
+
+    def __init__(
+        self,
+        master_seed: int,
+        *,
+        deterministic: bool = True,
+        warn_only: bool = True,
+        fill_uninitialized_memory: bool = True,
+        scheme: str = DEFAULT_SCHEME,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+    ) -> None:
+        self.master_seed = check_master_seed(master_seed)
+        self.scheme = check_scheme(scheme)
+        for name, value in (
+            ("deterministic", deterministic),
+            ("warn_only", warn_only),
+            ("fill_uninitialized_memory", fill_uninitialized_memory),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{name}` must be a bool, got {value!r} ({type(value).__name__}).")
+        self.settings = DeterminismSettings(
+            deterministic=deterministic, warn_only=warn_only, fill_uninitialized_memory=fill_uninitialized_memory
+        )
+        self.rank, self.world_size = _dist.resolve_rank(rank, world_size)
+        self._registry = Registry(self.master_seed, self.scheme)
+        self._memo = self._registry._memo
+        self._violations = ViolationLog()
+        self._applied: Dict[str, Any] = {}
+        self._is_set_up = False
+        self._loaders: List[SeededDataLoader] = []
+        self._pending_rng: Optional[Tuple[Dict[str, Any], Dict[str, Any]]] = None
+        self._replaying: Optional[Manifest] = None
+        self._mismatches: List[Dict[str, Any]] = []
+
+    def __repr__(self) -> str:
+        return (
+            f"SeedSession({self.master_seed}, scheme={self.scheme!r}, deterministic={self.settings.deterministic}, "
+            f"rank={self.rank}, world_size={self.world_size})"
+        )
+
+    # -- global setup ------------------------------------------------------------------------------
+
+    def setup(self) -> "SeedSession":
+        """Seed python, numpy, torch and CUDA and apply the deterministic settings; once per session.
+
+        With one process the global generators get `master_seed` itself; with several, each rank
+        gets a seed derived from (master seed, rank), so dropout differs across ranks.
+        """
+        if self._is_set_up:
+            return self
+        seed = self.master_seed if self.world_size == 1 else self.rank_seed("global")
+        seed_globals(seed)
+        self._applied = {"global_seed": seed, **apply_settings(self.settings, self._violations)}
+        self._is_set_up = True
+        log.info("seedreg_setup", master_seed=self.master_seed, rank=self.rank, world_size=self.world_size)
+        return self
+
+    @property
+    def violations(self) -> List[Dict[str, str]]:
+        """Nondeterminism that happened: ops without a deterministic kernel, late CUBLAS settings."""
+        return list(self._violations)
+
+    # -- seeds -------------------------------------------------------------------------------------
+
+    def seed(self, purpose: str, instance_id: InstanceId = None) -> int:
+        """The seed of (purpose, instance_id): derived once, memoized, recorded."""
+        entry = self._memo.get((purpose, instance_id))
+        if entry is not None and type(instance_id) in _ID_TYPES:
+            entry.uses += 1
+            return entry.seed
+        return self._registry._issue(purpose, instance_id, "seed")
+
+    def _seed(self, purpose: str, instance_id: InstanceId, kind: str) -> int:
+        return self._registry.get(purpose, instance_id, kind)
+
+    def rank_seed(self, purpose: str, instance_id: InstanceId = None) -> int:
+        """A seed for (purpose, instance_id) that differs across ranks (dropout, augmentation noise)."""
+        return self._seed(f"{purpose}/rank{self.rank}", instance_id, "rank_seed")
+
+    def generator(self, purpose: str, instance_id: InstanceId = None, device: Union[str, torch.device] = "cpu") -> torch.Generator:
+        """A new ``torch.Generator`` on `device`, at the start of the stream of (purpose, instance_id)."""
+        seed = self._seed(purpose, instance_id, "generator")
+        g = torch.Generator(device=device)
+        g.manual_seed(seed)
+        return g
+
+    def numpy_rng(self, purpose: str, instance_id: InstanceId = None) -> np.random.Generator:
+        """A new ``numpy.random.Generator`` (PCG64) at the start of the stream of (purpose, instance_id)."""
+        return np.random.default_rng(self._seed(purpose, instance_id, "numpy_rng"))
+
+    def fork(
+        self,
+        purpose: str,
+        instance_id: InstanceId = None,
+        *,
+        devices: Optional[Sequence[int]] = None,
+        python: bool = False,
+        numpy: bool = False,
+        enabled: bool = True,
+    ) -> Fork:
+        """A context manager that seeds torch's CPU generator (and the current CUDA device's, or
+        `devices`) from the seed of (purpose, instance_id), then restores them on exit, also on error.
+        `python` / `numpy` cover ``random`` and numpy's global RNG too (they cost ~10-70 us more).
+
+        >>> session = SeedSession(0)
+        >>> with session.fork("noise"):
+        ...     a = torch.rand(2)
+        >>> with session.fork("noise"):
+        ...     b = torch.rand(2)
+        >>> torch.equal(a, b)
+        True
+        """
+        return Fork(self._seed(purpose, instance_id, "fork"), devices=devices, python=python, numpy=numpy, enabled=enabled)
+
+    @property
+    def records(self) -> Tuple[SeedRecord, ...]:
+        """Every seed issued so far, in order."""
+        return self._registry.records()
+
+    # -- builders ----------------------------------------------------------------------------------
+
+    def build_model(self, factory: Callable[..., Any], instance_id: InstanceId = None, **kwargs: Any) -> Any:
+        """``factory(**kwargs)`` inside a fork of python, numpy and torch seeded with the seed of
+        ("model", instance_id): the weights do not depend on anything drawn before, and the global
+        generators are as they were afterwards. A module's fingerprint is recorded (and checked
+        against the manifest when replaying)."""
+        if not callable(factory):
+            raise TypeError(f"`factory` must be callable (a model class or a function), got {factory!r}.")
+        instance_id = check_instance_id(instance_id)
+        seed = self._seed("model", instance_id, "model")
+        with Fork(seed, python=True, numpy=True):
+            model = factory(**kwargs)
+        if isinstance(model, torch.nn.Module):
+            details = {
+                "class": f"{type(model).__module__}.{type(model).__qualname__}",
+                "fingerprint": fingerprint(model),
+                "parameters": int(sum(p.numel() for p in model.parameters())),
+            }
+            self._check_details("model", instance_id, details, ("fingerprint",))
+            self._registry.set_details("model", instance_id, details)
+        return model
+
+    def build_optimizer(
+        self, optimizer_class: Type[torch.optim.Optimizer], params: Any, instance_id: InstanceId = None, **kwargs: Any
+    ) -> torch.optim.Optimizer:
+        """``optimizer_class(params, **kwargs)`` inside a fork seeded with the seed of ("optimizer", instance_id)."""
+        if not callable(optimizer_class):
+            raise TypeError(f"`optimizer_class` must be an optimizer class such as torch.optim.SGD, got {optimizer_class!r}.")
+        instance_id = check_instance_id(instance_id)
+        seed = self._seed("optimizer", instance_id, "optimizer")
+        with Fork(seed, python=True, numpy=True):
+            optimizer = optimizer_class(params, **kwargs)
+        details = {"class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}", "defaults": _jsonable(getattr(optimizer, "defaults", {}))}
+        self._registry.set_details("optimizer", instance_id, details)
+        return optimizer
+
+    def build_dataloader(
+        self,
+        dataset: Any,
+        instance_id: InstanceId = None,
+        *,
+        batch_size: Optional[int] = 1,
+        shuffle: bool = False,
+        num_workers: int = 0,
+        drop_last: bool = False,
+        seed_per_example: bool = True,
+        subset: Any = None,
+        subset_mode: str = "drop",
+        **dataloader_kwargs: Any,
+    ) -> SeededDataLoader:
+        """A DataLoader whose order, augmentation and position are determined by the seed of
+        ("dataloader", instance_id).
+
+        - ``.sampler`` is a :class:`DeterministicSampler` (sharded across ranks when world_size > 1);
+          a loop that forgets ``set_epoch`` still reshuffles each epoch, deterministically.
+        - With `seed_per_example` (default), ``random``, numpy and torch are seeded per example from
+          (loader seed, epoch, index) in whichever process fetches it, so ``num_workers`` does not
+          change results; otherwise each worker is seeded from (loader seed, epoch, worker id).
+        - `subset` (a bool mask or indices) keeps only those examples, in the order they have in
+          the full loader, with the same per-example streams; ``subset_mode="weight"`` keeps every
+          batch of the full run and yields ``(batch, weights)`` with weight 0.0 for removed examples.
+        - The loader reports to the session: ``state_dict()`` and the manifest include it.
+        """
+        for name, why in _REFUSED_LOADER_ARGS.items():
+            if name in dataloader_kwargs:
+                raise TypeError(f"build_dataloader() does not take `{name}`: {why}.")
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError(
+                f"`dataset` must be a map-style dataset (with __getitem__ and __len__), got {type(dataset).__name__}; "
+                f"iterable datasets have no order for a sampler to fix."
+            )
+        instance_id = check_instance_id(instance_id)
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"`batch_size` must be an int >= 1 or None, got {batch_size!r}.")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"`num_workers` must be an int >= 0, got {num_workers!r}.")
+        for name, value in (("shuffle", shuffle), ("drop_last", drop_last), ("seed_per_example", seed_per_example)):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+        if subset_mode not in ("drop", "weight"):
+            raise ValueError(f"`subset_mode` must be 'drop' or 'weight', got {subset_mode!r}.")
+        size = len(dataset)
+        if size < 1:
+            raise ValueError("`dataset` is empty (len 0); a loader needs at least one example.")
+        weights = None
+        sampler_subset = None
+        if subset is not None:
+            kept = subset_indices(subset, size)
+            if subset_mode == "weight":
+                weights = np.zeros(size, dtype=bool)
+                weights[kept] = True
+            else:
+                sampler_subset = kept
+        seed = self._seed("dataloader", instance_id, "dataloader")
+        sampler = DeterministicSampler(
+            size, shuffle=shuffle, seed=seed, num_replicas=self.world_size, rank=self.rank, drop_last=drop_last, subset=sampler_subset
+        )
+        loader = SeededDataLoader(
+            dataset,
+            sampler=sampler,
+            seed=seed,
+            instance_id=instance_id,
+            batch_size=batch_size,
+            drop_last=drop_last,
+            seed_per_example=seed_per_example,
+            weights=weights,
+            num_workers=num_workers,
+            **dataloader_kwargs,
+        )
+        details = {
+            "dataset_size": size,
+            "batch_size": batch_size,
+            "shuffle": shuffle,
+            "num_workers": num_workers,
+            "drop_last": drop_last,
+            "seed_per_example": seed_per_example,
+            "subset_size": None if subset is None else int(len(subset_indices(subset, size))),
+            "subset_mode": None if subset is None else subset_mode,
+            "world_size": self.world_size,
+        }
+        self._check_details("dataloader", instance_id, details, ("dataset_size", "batch_size", "shuffle", "drop_last", "subset_size"))
+        self._registry.set_details("dataloader", instance_id, details)
+        self._loaders.append(loader)
+        if self._pending_rng is not None:
+            loader._before_batch = self._apply_pending_rng
+        return loader
+
+    def subset_mask(self, num_examples: int, alpha: float, instance_id: InstanceId, *, mode: str = "fixed") -> np.ndarray:
+        """A deterministic bool mask over `num_examples` for LDS model `instance_id`: "fixed" keeps
+        exactly ``round(alpha * n)``, "bernoulli" keeps each with probability `alpha`. Recorded."""
+        from .attribution import check_mask_args
+
+        check_mask_args(num_examples, alpha, mode)
+        seed = self._seed("subset_mask", instance_id, "subset_mask")
+        mask = make_subset_mask(seed, int(num_examples), float(alpha), mode)
+        details = {"num_examples": int(num_examples), "alpha": float(alpha), "mode": mode, "kept": int(mask.sum())}
+        self._check_details("subset_mask", instance_id, details, ("num_examples", "alpha", "mode", "kept"))
+        self._registry.set_details("subset_mask", instance_id, details)
+        return mask
+
+    # -- replay ------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_manifest(cls, source: Union[PathLike, Manifest], *, strict: bool = True, rank: Optional[int] = None, world_size: Optional[int] = None) -> "SeedSession":
+        """A session that replays the run `source` recorded: same master seed, scheme and settings.
+
+        Every seed issued is checked against the manifest (a changed derivation always raises
+        :class:`ReplayMismatchError`); with `strict`, so is any component the manifest lacks, and a
+        model whose initial fingerprint differs.
+        """
+        manifest = source if isinstance(source, Manifest) else Manifest.load(source)
+        if not isinstance(strict, bool):
+            raise TypeError(f"`strict` must be a bool, got {strict!r}.")
+        settings = manifest.settings
+        session = cls(
+            manifest.master_seed,
+            scheme=manifest.scheme,
+            deterministic=settings["deterministic"],
+            warn_only=settings["warn_only"],
+            fill_uninitialized_memory=settings["fill_uninitialized_memory"],
+            rank=rank,
+            world_size=world_size,
+        )
+        if strict and session.world_size != manifest.world_size:
+            raise ReplayMismatchError(
+                f"the manifest was written by a run of world_size={manifest.world_size}, this process has "
+                f"world_size={session.world_size}; launch with the same number of ranks, or replay with strict=False."
+            )
+        expected = manifest.records_for_rank(session.rank) if manifest.world_size == session.world_size else manifest.records
+        session._registry = Registry(
+            session.master_seed, session.scheme, expected={r.key: r for r in expected}, strict=strict
+        )
+        session._memo = session._registry._memo
+        session._replaying = manifest
+        return session
+
+    def _check_details(self, purpose: str, instance_id: InstanceId, details: Mapping[str, Any], keys: Sequence[str]) -> None:
+        expected = self._registry.expected
+        if expected is None:
+            return
+        recorded = expected.get((purpose, instance_id))
+        if recorded is None:
+            return
+        for key in keys:
+            if key in recorded.details and recorded.details[key] != details.get(key):
+                message = (
+                    f"({purpose!r}, {instance_id!r}) {key} is {details.get(key)!r} but the manifest recorded "
+                    f"{recorded.details[key]!r}"
+                )
+                self._mismatches.append({"purpose": purpose, "instance_id": instance_id, "field": key, "message": message})
+                if self._registry.strict:
+                    hint = " (does the factory draw from an unseeded source?)" if key == "fingerprint" else ""
+                    raise ReplayMismatchError(f"replay diverged: {message}{hint}.")
+
+    def replay_report(self) -> Dict[str, Any]:
+        """What the replay requested against what was recorded, and whether to expect bitwise equality."""
+        if self._replaying is None:
+            raise SeedregError("replay_report() needs a session made by SeedSession.from_manifest(...).")
+        expected = tuple(self._registry.expected.values())  # type: ignore[union-attr]
+        return replay_report(
+            self._replaying,
+            expected,
+            list(self._registry),
+            self._registry.new,
+            self._mismatches,
+            environment(self.world_size),
+        )
+
+    # -- manifest ----------------------------------------------------------------------------------
+
+    def manifest(self) -> Manifest:
+        """The manifest of this session (this rank's records)."""
+        return Manifest(
+            master_seed=self.master_seed,
+            scheme=self.scheme,
+            records=self.records,
+            settings=self.settings.to_dict(),
+            applied=self._applied,
+            environment=environment(self.world_size),
+            violations=tuple(self.violations),
+            world_size=self.world_size,
+            replay=self.replay_report() if self._replaying is not None else None,
+        )
+
+    def dump(self, path: PathLike) -> pathlib.Path:
+        """Write the manifest atomically to `path` and return the path.
+
+        With world_size > 1 this is collective: every rank must call it; rank 0 gathers every
+        rank's records and writes one manifest for the job (others return the same path).
+        """
+        path = pathlib.Path(path)
+        manifest = self.manifest()
+        if self.world_size == 1:
+            return manifest.write(path)
+        if not _dist.is_initialized():
+            raise SeedregError(
+                f"dump() with world_size={self.world_size} is collective and needs an initialised "
+                f"torch.distributed process group; call torch.distributed.init_process_group() first."
+            )
+        gathered = _dist.gather_json([record_to_dict(r) for r in manifest.records], dst=0)
+        error = None
+        if self.rank == 0:
+            assert gathered is not None
+            ranks = tuple(tuple(record_from_dict(r, f"rank {i} record") for r in recs) for i, recs in enumerate(gathered))
+            import attrs
+
+            try:
+                attrs.evolve(manifest, ranks=ranks).write(path)
+            except SeedregError as exc:
+                error = str(exc)
+        error = _dist.broadcast_json(error, src=0)
+        if error is not None:
+            raise SeedregError(f"rank 0 could not write the manifest: {error}")
+        return path
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The whole random state of this rank, JSON-native: the registry, the global generators
+        (python, numpy, torch CPU, CUDA devices in use) and each loader's (seed, epoch, position)."""
+        rng = self._pending_rng[1] if self._pending_rng is not None else capture_global()
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "master_seed": self.master_seed,
+            "scheme": self.scheme,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "records": self._registry.state_dict(),
+            "rng": rng,
+            "loaders": [loader.state_dict() for loader in self._loaders],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`. Everything is validated before anything changes.
+
+        Loaders continue at the first batch not yet consumed. The global generators are restored
+        right before the next batch is drawn from any of this session's loaders (so nothing that
+        runs in between can consume them), or at once if the session has no loaders.
+        """
+        if not isinstance(state, Mapping):
+            raise StateError(f"`state` must be a dict from SeedSession.state_dict(), got {type(state).__name__}.")
+        if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+            raise StateError(
+                f"`state` is not a seedreg state of version {STATE_VERSION} (format={state.get('format')!r:.40}, "
+                f"version={state.get('version')!r:.20})."
+            )
+        for key in ("master_seed", "scheme", "world_size", "rank"):
+            if key not in state:
+                raise StateError(f"`state` is missing {key!r}.")
+            mine = getattr(self, key)
+            if state[key] != mine or type(state[key]) is not type(mine):
+                raise StateError(
+                    f"`state` has {key}={state[key]!r:.40} but this session has {key}={mine!r}; a state only "
+                    f"resumes the run that saved it (same master seed, scheme, world size and rank)."
+                )
+        for key in ("records", "rng", "loaders"):
+            if key not in state:
+                raise StateError(f"`state` is missing {key!r}.")
+        if not isinstance(state["records"], list):
+            raise StateError("`state['records']` must be a list.")
+        try:
+            records = [record_from_dict(r, f"state['records'][{i}]") for i, r in enumerate(state["records"])]
+        except SeedregError as exc:
+            raise StateError(str(exc)) from None
+        rng = decode_global(state["rng"])
+        loaders = state["loaders"]
+        if not isinstance(loaders, list) or len(loaders) != len(self._loaders):
+            raise StateError(
+                f"`state` holds {len(loaders) if isinstance(loaders, list) else 'no list of'} loaders but this session "
+                f"built {len(self._loaders)}; build the same loaders (same instance ids, same order) before loading."
+            )
+        snapshots = [loader.state_dict() for loader in self._loaders]
+        try:
+            for loader, loader_state in zip(self._loaders, loaders):
+                loader.load_state_dict(loader_state)
+            self._registry.load_records(records)
+        except SeedregError:
+            for loader, snapshot in zip(self._loaders, snapshots):
+                loader.load_state_dict(snapshot)
+            raise
+        if self._loaders:
+            self._pending_rng = (rng, json.loads(json.dumps(state["rng"])))
+            for loader in self._loaders:
+                loader._before_batch = self._apply_pending_rng
+        else:
+            restore_global(rng)
+
+    def _apply_pending_rng(self) -> None:
+        pending, self._pending_rng = self._pending_rng, None
+        for loader in self._loaders:
+            loader._before_batch = None
+        if pending is not None:
+            restore_global(pending[0])
