@@ -143,11 +143,12 @@ class _KeyedBatches:
         return n // bs if self.loader.drop_last else -(-n // bs)
 
     def __iter__(self) -> Iterator[Any]:
+        # DataLoader's iterators may call iter() on this more than once per epoch (the
+        # multi-process one does, in __init__ and _reset): the epoch is planned once, by the loader.
         loader = self.loader
-        sampler: DeterministicSampler = loader.sampler
-        indices = sampler.begin_epoch()  # eagerly: the epoch is fixed before workers start
-        epoch = sampler.epoch
-        loader._begin(epoch, sampler.position)
+        if loader._plan is None:
+            loader._plan_epoch()
+        epoch, indices = loader._plan  # type: ignore[misc]
         return self._batches(epoch, indices, loader._batch, loader.drop_last)
 
     @staticmethod
@@ -219,6 +220,7 @@ class SeededDataLoader(DataLoader):
         self._seed = seed
         self._instance_id = instance_id
         self._before_batch: Optional[Callable[[], None]] = None
+        self._plan: Optional[Tuple[int, List[int]]] = None
         self._generator = torch.Generator()
         wrapped = ExampleSeededDataset(dataset, seed, per_example=seed_per_example, weights=weights)
         super().__init__(
@@ -244,13 +246,18 @@ class SeededDataLoader(DataLoader):
     def instance_id(self) -> Any:
         return self._instance_id
 
-    def _begin(self, epoch: int, position: int) -> None:
+    def _plan_epoch(self) -> None:
+        sampler: DeterministicSampler = self.sampler
+        indices = sampler.begin_epoch()
+        epoch = sampler.epoch
+        self._plan = (epoch, indices)
         # DataLoader draws its workers' base seed from our generator right after this: derive it
         # from (seed, epoch) so that nothing about an epoch depends on what came before it.
         self._generator.manual_seed(mix_seed(_BASE_STREAM, self._seed, epoch))
         self.worker_init_fn.epoch = epoch
 
     def __iter__(self) -> _Tracked:  # type: ignore[override]
+        self._plan_epoch()  # fixes the epoch before workers start
         return _Tracked(self, super().__iter__())
 
     def set_epoch(self, epoch: int) -> None:

@@ -25,6 +25,7 @@ of about 5e-10.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import operator
 import struct
@@ -97,18 +98,28 @@ def _v1_input(master_seed: int, purpose: str, instance_id: InstanceId) -> bytes:
     return f"{master_seed}_{purpose}_{instance_id}".encode()
 
 
-def _field(tag: bytes, data: bytes) -> bytes:
-    return tag + len(data).to_bytes(8, "big") + data
+_len8 = struct.Struct(">Q").pack
+
+
+@functools.lru_cache(maxsize=4096)
+def _v2_prefix(master_seed: int, purpose: str) -> bytes:
+    m = str(master_seed).encode()
+    p = purpose.encode("utf-8", "surrogatepass")
+    return _V2_TAG + b"i" + _len8(len(m)) + m + b"s" + _len8(len(p)) + p
 
 
 def _v2_input(master_seed: int, purpose: str, instance_id: InstanceId) -> bytes:
+    """Tagged, length-prefixed fields: b"i" + len + decimal for ints, b"s" + len + UTF-8 for
+    strs, b"n" for None; after a fixed tag. No two distinct inputs share an encoding."""
     if instance_id is None:
         tail = b"n"
     elif type(instance_id) is int:
-        tail = _field(b"i", str(instance_id).encode())
+        data = str(instance_id).encode()
+        tail = b"i" + _len8(len(data)) + data
     else:
-        tail = _field(b"s", instance_id.encode("utf-8", "surrogatepass"))  # type: ignore[union-attr]
-    return _V2_TAG + _field(b"i", str(master_seed).encode()) + _field(b"s", purpose.encode("utf-8", "surrogatepass")) + tail
+        data = instance_id.encode("utf-8", "surrogatepass")  # type: ignore[union-attr]
+        tail = b"s" + _len8(len(data)) + data
+    return _v2_prefix(master_seed, purpose) + tail
 
 
 def _v1(master_seed: int, purpose: str, instance_id: InstanceId) -> int:

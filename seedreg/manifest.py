@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import tempfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -60,13 +61,45 @@ def _check_json(value: Any, where: str, depth: int = 0) -> None:
     raise ManifestError(f"{where} holds a {type(value).__name__}, which is not JSON data.")
 
 
-def _canonical(body: Mapping[str, Any]) -> bytes:
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+_LINE = json.JSONEncoder(sort_keys=True, ensure_ascii=False, allow_nan=False, separators=(", ", ": "))
+_PRETTY = json.JSONEncoder(sort_keys=True, ensure_ascii=False, allow_nan=False, indent=2)
+_CHECKSUM_LINE = re.compile(r'^  "checksum": "(sha256:[0-9a-f]{64})",$')
+
+
+def _records_text(records: List[Any], indent: str) -> str:
+    if not records:
+        return "[]"
+    return "[\n" + ",\n".join(indent + "  " + _LINE.encode(r) for r in records) + "\n" + indent + "]"
+
+
+def render(body: Mapping[str, Any]) -> str:
+    """The file text of `body` (without its checksum): keys sorted, one record per line, small
+    sections pretty-printed. Deterministic: the checksum is the SHA-256 of this text."""
+    parts = []
+    for key in sorted(k for k in body if k != "checksum"):
+        value = body[key]
+        if key == "records":
+            text = _records_text(value, "  ")
+        elif key == "ranks":
+            text = "[]" if not value else "[\n" + ",\n".join("    " + _records_text(r, "    ") for r in value) + "\n  ]"
+        else:
+            text = _PRETTY.encode(value).replace("\n", "\n  ")
+        parts.append(f"  {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 def checksum_of(body: Mapping[str, Any]) -> str:
-    """The checksum a manifest carries: SHA-256 of its canonical JSON without the checksum itself."""
-    return "sha256:" + hashlib.sha256(_canonical({k: v for k, v in body.items() if k != "checksum"})).hexdigest()
+    """The checksum a manifest carries: SHA-256 of its rendered text without the checksum line."""
+    try:
+        text = render(body)
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"manifest holds something that is not JSON data: {exc}.") from None
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _with_checksum(text: str) -> str:
+    digest = "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return "{\n" + f'  "checksum": "{digest}",\n' + text[2:]
 
 
 def _require(mapping: Mapping[str, Any], key: str, types: Any, where: str) -> Any:
@@ -105,16 +138,42 @@ def record_from_dict(data: Any, where: str) -> SeedRecord:
     return SeedRecord(purpose=purpose, instance_id=instance_id, seed=seed, kind=kind, uses=uses, details=details)
 
 
+_RECORD_KEYS = frozenset(_RECORD)
+_KIND_SET = frozenset(KINDS)
+
+
 def _records(data: Any, where: str) -> Tuple[SeedRecord, ...]:
     if not isinstance(data, list):
         raise ManifestError(f"{where} must be a list, got {type(data).__name__}.")
-    records = tuple(record_from_dict(r, f"{where}[{i}]") for i, r in enumerate(data))
+    out = []
     seen = set()
-    for r in records:
-        if r.key in seen:
-            raise ManifestError(f"{where} lists ({r.purpose!r}, {r.instance_id!r}) twice.")
-        seen.add(r.key)
-    return records
+    for i, d in enumerate(data):
+        # A fast check of the common shape; anything unusual goes through record_from_dict,
+        # which names exactly what is wrong.
+        if (
+            type(d) is not dict
+            or d.keys() != _RECORD_KEYS
+            or type(d["purpose"]) is not str
+            or not d["purpose"]
+            or not (d["instance_id"] is None or type(d["instance_id"]) in (str, int))
+            or type(d["seed"]) is not int
+            or not 0 <= d["seed"] < 2**64
+            or d["kind"] not in _KIND_SET
+            or type(d["uses"]) is not int
+            or d["uses"] < 1
+            or type(d["details"]) is not dict
+        ):
+            record = record_from_dict(d, f"{where}[{i}]")
+        else:
+            if d["details"]:
+                _check_json(d["details"], f"{where}[{i}]['details']")
+            record = SeedRecord(purpose=d["purpose"], instance_id=d["instance_id"], seed=d["seed"], kind=d["kind"], uses=d["uses"], details=d["details"])
+        key = (record.purpose, type(record.instance_id), record.instance_id)
+        if key in seen:
+            raise ManifestError(f"{where} lists ({record.purpose!r}, {record.instance_id!r}) twice.")
+        seen.add(key)
+        out.append(record)
+    return tuple(out)
 
 
 def _freeze(value: Mapping[str, Any]) -> Dict[str, Any]:
@@ -156,9 +215,8 @@ class Manifest:
 
     # -- dict and JSON -----------------------------------------------------------------------------
 
-    def to_dict(self) -> Dict[str, Any]:
-        """JSON-native data, checksum included."""
-        body: Dict[str, Any] = {
+    def _body(self) -> Dict[str, Any]:
+        return {
             "format": FORMAT,
             "schema_version": SCHEMA_VERSION,
             "seedreg_version": self.seedreg_version,
@@ -173,25 +231,32 @@ class Manifest:
             "ranks": [[record_to_dict(r) for r in rank] for rank in self.ranks],
             "replay": None if self.replay is None else dict(self.replay),
         }
-        _check_json(body, "manifest")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-native data, checksum included."""
+        body = self._body()
         body["checksum"] = checksum_of(body)
         return body
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
+        """The file text: the body rendered (keys sorted, one record per line), checksum on line 2."""
+        try:
+            return _with_checksum(render(self._body()))
+        except (TypeError, ValueError) as exc:
+            raise ManifestError(f"manifest holds something that is not JSON data: {exc}.") from None
 
     @classmethod
     def from_dict(cls, data: Any) -> "Manifest":
         """Validate `data` (as :meth:`to_dict` makes it) and build the manifest; checksum checked if present."""
         try:
-            return cls._from_dict(data)
+            return cls._from_dict(data, verify=True)
         except ManifestError:
             raise
         except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
             raise ManifestError(f"manifest is malformed: {type(exc).__name__}: {exc}") from None
 
     @classmethod
-    def _from_dict(cls, data: Any) -> "Manifest":
+    def _from_dict(cls, data: Any, *, verify: bool) -> "Manifest":
         if not isinstance(data, Mapping):
             raise ManifestError(f"a manifest must be a JSON object, got {type(data).__name__}.")
         if data.get("format") != FORMAT:
@@ -204,7 +269,7 @@ class Manifest:
             )
         keys = set(data)
         if "checksum" in keys:
-            if data["checksum"] != checksum_of(data):
+            if verify and data["checksum"] != checksum_of(data):
                 raise ManifestError("manifest checksum does not match its content: the file was edited or damaged.")
             keys.discard("checksum")
         if keys != _TOP - {"checksum"}:
@@ -257,7 +322,7 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: Union[str, bytes]) -> "Manifest":
-        """Parse and validate JSON text (NaN and Infinity are refused, as JSON has neither)."""
+        """Parse and validate a manifest file's text: its checksum line covers every other byte."""
         if isinstance(text, bytes):
             try:
                 text = text.decode("utf-8")
@@ -269,13 +334,25 @@ class Manifest:
         def _no_constants(name: str) -> None:
             raise ManifestError(f"manifest holds {name}, which JSON does not allow.")
 
+        lines = text.split("\n", 2)
+        match = _CHECKSUM_LINE.match(lines[1]) if len(lines) == 3 and lines[0] == "{" else None
+        if match is None:
+            raise ManifestError("manifest has no checksum on its second line: it was not written by seedreg, or was reformatted.")
+        digest = "sha256:" + hashlib.sha256(("{\n" + lines[2]).encode("utf-8")).hexdigest()
+        if digest != match.group(1):
+            raise ManifestError("manifest checksum does not match its content: the file was edited, truncated or damaged.")
         try:
             data = json.loads(text, parse_constant=_no_constants)
         except RecursionError:
             raise ManifestError("manifest is nested too deeply.") from None
         except json.JSONDecodeError as exc:
             raise ManifestError(f"manifest is not valid JSON (truncated or damaged?): {exc}.") from None
-        return cls.from_dict(data)
+        try:
+            return cls._from_dict(data, verify=False)
+        except ManifestError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
+            raise ManifestError(f"manifest is malformed: {type(exc).__name__}: {exc}") from None
 
     # -- files -----------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ against the recorded run.
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import attrs
 
@@ -26,28 +26,23 @@ KINDS = ("seed", "rank_seed", "generator", "numpy_rng", "fork", "model", "optimi
 _ID_TYPES = (type(None), str, int)
 
 
-def _json_mapping(value: Mapping[str, Any]) -> Mapping[str, Any]:
-    return dict(value)
-
-
 @attrs.frozen(kw_only=True)
 class SeedRecord:
     """One seed issued by a session: its key, its value, how it was used and what it seeded.
+
+    Records are made by the registry and validated when a manifest is loaded; the constructor
+    itself does not validate (a million of them are built when a large manifest loads).
 
     >>> SeedRecord(purpose="model", instance_id="training", seed=1958051794, kind="model")
     SeedRecord(purpose='model', instance_id='training', seed=1958051794, kind='model', uses=1, details={})
     """
 
-    purpose: str = attrs.field(validator=attrs.validators.instance_of(str))
-    instance_id: InstanceId = attrs.field()
-    seed: int = attrs.field(validator=attrs.validators.instance_of(int))
-    kind: str = attrs.field(validator=attrs.validators.in_(KINDS))
-    uses: int = attrs.field(default=1, validator=attrs.validators.instance_of(int))
-    details: Mapping[str, Any] = attrs.field(factory=dict, converter=_json_mapping)
-
-    @instance_id.validator
-    def _check_id(self, _attribute: Any, value: Any) -> None:
-        check_instance_id(value)
+    purpose: str
+    instance_id: InstanceId
+    seed: int
+    kind: str
+    uses: int = 1
+    details: Mapping[str, Any] = attrs.field(factory=dict)
 
     @property
     def key(self) -> Key:
@@ -57,11 +52,17 @@ class SeedRecord:
 class _Entry:
     __slots__ = ("seed", "kind", "uses", "details")
 
-    def __init__(self, seed: int, kind: str) -> None:
+    def __init__(self, seed: int, kind: str, uses: int = 1) -> None:
         self.seed = seed
         self.kind = kind
-        self.uses = 1
+        self.uses = uses
         self.details: Optional[Dict[str, Any]] = None
+
+
+# The memo maps a key to its seed (an int) while the key has been asked for once, through
+# ``seed()``, and nothing is attached to it: the common case of LDS studies issuing a million
+# seeds costs no entry object. A second use, another kind or details turn it into an _Entry.
+_Memo = Dict[Key, Union[int, _Entry]]
 
 
 def _show(key: Key) -> str:
@@ -88,7 +89,7 @@ class Registry:
         self.expected = dict(expected) if expected is not None else None
         self.strict = strict
         self.new: List[Key] = []
-        self._memo: Dict[Key, _Entry] = {}
+        self._memo: _Memo = {}
         self._seeds: set = set()
         self._lock = threading.Lock()
 
@@ -101,7 +102,7 @@ class Registry:
     def get(self, purpose: str, instance_id: InstanceId, kind: str) -> int:
         """The seed of (purpose, instance_id): memoized on the first call, recorded as `kind`."""
         entry = self._memo.get((purpose, instance_id))
-        if entry is not None and type(instance_id) in _ID_TYPES:
+        if entry is not None and type(instance_id) in _ID_TYPES and type(entry) is _Entry:
             entry.uses += 1
             return entry.seed
         return self._issue(purpose, instance_id, kind)
@@ -110,19 +111,32 @@ class Registry:
         check_purpose(purpose)
         instance_id = check_instance_id(instance_id)
         key = (purpose, instance_id)
-        seed = derive_seed(self.master_seed, purpose, instance_id, scheme=self.scheme)
         with self._lock:
-            entry = self._memo.get(key)
-            if entry is not None:
+            if key in self._memo:
+                entry = self._entry(key)
                 entry.uses += 1
                 return entry.seed
+            seed = derive_seed(self.master_seed, purpose, instance_id, scheme=self.scheme)
             if seed in self._seeds:
                 raise self._collision(key, seed)
             if self.expected is not None:
                 self._check_expected(key, seed)
             self._seeds.add(seed)
-            self._memo[key] = _Entry(seed, kind)
+            self._memo[key] = seed if kind == "seed" else _Entry(seed, kind)
         return seed
+
+    def _entry(self, key: Key) -> _Entry:
+        """The key's _Entry, made from a bare seed if need be (caller holds the lock)."""
+        value = self._memo[key]
+        if type(value) is _Entry:
+            return value
+        entry = _Entry(value, "seed")  # type: ignore[arg-type]
+        self._memo[key] = entry
+        return entry
+
+    def _seed_of(self, key: Key) -> int:
+        value = self._memo[key]
+        return value.seed if type(value) is _Entry else value  # type: ignore[return-value,union-attr]
 
     def _check_expected(self, key: Key, seed: int) -> None:
         recorded = self.expected.get(key)  # type: ignore[union-attr]
@@ -142,7 +156,7 @@ class Registry:
             )
 
     def _collision(self, key: Key, seed: int) -> SeedCollisionError:
-        other = next(k for k, e in self._memo.items() if e.seed == seed)
+        other = next(k for k in self._memo if self._seed_of(k) == seed)
         mine = derivation_input(self.master_seed, key[0], key[1], scheme=self.scheme)
         theirs = derivation_input(self.master_seed, other[0], other[1], scheme=self.scheme)
         if mine == theirs:
@@ -160,11 +174,7 @@ class Registry:
     def set_details(self, purpose: str, instance_id: InstanceId, details: Mapping[str, Any]) -> None:
         """Attach what the seed was used for (a model's fingerprint, a loader's settings)."""
         with self._lock:
-            self._memo[(purpose, instance_id)].details = dict(details)
-
-    def details(self, purpose: str, instance_id: InstanceId) -> Optional[Mapping[str, Any]]:
-        entry = self._memo.get((purpose, instance_id))
-        return None if entry is None else entry.details
+            self._entry((purpose, instance_id)).details = dict(details)
 
     def records(self) -> Tuple[SeedRecord, ...]:
         """Every record, in the order the seeds were first issued."""
@@ -172,6 +182,8 @@ class Registry:
             items = list(self._memo.items())
         return tuple(
             SeedRecord(purpose=k[0], instance_id=k[1], seed=e.seed, kind=e.kind, uses=e.uses, details=e.details or {})
+            if type(e) is _Entry
+            else SeedRecord(purpose=k[0], instance_id=k[1], seed=e, kind="seed")  # type: ignore[arg-type]
             for k, e in items
         )
 
@@ -185,7 +197,7 @@ class Registry:
 
     def load_records(self, records: List[SeedRecord]) -> None:
         """Replace the registry's content by `records` (resume), re-deriving each seed to check it."""
-        memo: Dict[Key, _Entry] = {}
+        memo: _Memo = {}
         for r in records:
             derived = derive_seed(self.master_seed, r.purpose, r.instance_id, scheme=self.scheme)
             if derived != r.seed:
@@ -200,7 +212,7 @@ class Registry:
         with self._lock:
             self._memo.clear()  # in place: the session holds a reference for its fast path
             self._memo.update(memo)
-            self._seeds = {e.seed for e in memo.values()}
+            self._seeds = {self._seed_of(k) for k in memo}
 
 
 def record_to_dict(record: SeedRecord) -> Dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import random
+import struct
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -132,6 +133,7 @@ class Fork:
 # -- global state as JSON ---------------------------------------------------------------------------
 
 _PY_WORDS = 625  # 624 Mersenne Twister words and the position
+_WORDS = struct.Struct(f"<{_PY_WORDS}I")
 
 
 def capture_global(*, cuda: bool = True) -> Dict[str, Any]:
@@ -141,7 +143,7 @@ def capture_global(*, cuda: bool = True) -> Dict[str, Any]:
     state: Dict[str, Any] = {
         "python": {
             "version": version,
-            "words": b64encode(np.asarray(words, dtype="<u4").tobytes()),
+            "words": b64encode(_WORDS.pack(*words)),
             "gauss_next": gauss,
         },
         "numpy": {
@@ -213,7 +215,7 @@ def decode_global(state: object) -> Dict[str, Any]:
             raise StateError(f"rng state['cuda'] keys must be device indices, got {dev!r}.")
         cuda_states[int(dev)] = b64decode(text, length=None, what=f"rng state['cuda'][{dev!r}]")
     return {
-        "python": (version, tuple(int(w) for w in words), gauss),
+        "python": (version, tuple(words.tolist()), gauss),
         "numpy": ("MT19937", keys, pos, has_gauss, float(cached)),
         "torch": torch.frombuffer(bytearray(cpu), dtype=torch.uint8),
         "cuda": cuda_states,

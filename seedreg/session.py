@@ -7,7 +7,6 @@ replayable. Constructing a session changes no global state; ``setup()`` does, on
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
@@ -22,7 +21,7 @@ from .determinism import DeterminismSettings, ViolationLog, apply_settings, envi
 from .errors import ReplayMismatchError, SeedregError, StateError
 from .fingerprint import fingerprint
 from .manifest import Manifest, PathLike, record_from_dict
-from .registry import _ID_TYPES, Registry, SeedRecord, record_to_dict
+from .registry import _ID_TYPES, Registry, _Entry, SeedRecord, record_to_dict
 from .replay import replay_report
 from .rng import Fork, capture_global, decode_global, restore_global, seed_globals
 from .sampler import DeterministicSampler, subset_indices
@@ -136,7 +135,7 @@ class SeedSession:
     def seed(self, purpose: str, instance_id: InstanceId = None) -> int:
         """The seed of (purpose, instance_id): derived once, memoized, recorded."""
         entry = self._memo.get((purpose, instance_id))
-        if entry is not None and type(instance_id) in _ID_TYPES:
+        if entry is not None and type(entry) is _Entry and type(instance_id) in _ID_TYPES:
             entry.uses += 1
             return entry.seed
         return self._registry._issue(purpose, instance_id, "seed")
@@ -511,7 +510,7 @@ class SeedSession:
                 loader.load_state_dict(snapshot)
             raise
         if self._loaders:
-            self._pending_rng = (rng, json.loads(json.dumps(state["rng"])))
+            self._pending_rng = (rng, state["rng"])
             for loader in self._loaders:
                 loader._before_batch = self._apply_pending_rng
         else:

@@ -1,0 +1,329 @@
+"""seedreg's costs next to plain PyTorch, measured in one run.
+
+    python benchmarks/run.py           # the full table (a few minutes on 2 cores)
+    python benchmarks/run.py --quick   # a smoke run with tiny sizes (the tests run this)
+
+Each line times a seedreg operation and its plain-PyTorch baseline alternately, several rounds,
+and reports medians and their ratio against the target. Timings on shared machines are noisy;
+ratios from one run are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+import tracemalloc
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from models import resnet9  # noqa: E402
+
+from seedreg import DeterministicSampler, Manifest, SeedRecord, SeedSession, derive_seed, fingerprint  # noqa: E402
+from seedreg.demo import TinyCNN, ToyImages  # noqa: E402
+
+
+def per_call(fn: Callable[[], object], number: int) -> float:
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - start) / number
+
+
+def compare(ours: Callable[[], object], base: Callable[[], object], number: int, rounds: int) -> Tuple[float, float]:
+    """Median seconds per call of `ours` and `base`, timed alternately."""
+    a, b = [], []
+    ours(); base()
+    for _ in range(rounds):
+        a.append(per_call(ours, number))
+        b.append(per_call(base, number))
+    return statistics.median(a), statistics.median(b)
+
+
+def fmt(seconds: float) -> str:
+    if seconds < 1e-6:
+        return f"{seconds * 1e9:.0f} ns"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.2f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.3f} s"
+
+
+class Table:
+    def __init__(self) -> None:
+        self.rows: List[Dict[str, object]] = []
+
+    def add(self, name: str, ours: float, base: Optional[float], target: str, ok: bool, note: str = "") -> None:
+        row = {
+            "operation": name,
+            "seedreg": fmt(ours) if base is not None or "bytes" not in note else note,
+            "baseline": fmt(base) if base is not None else "-",
+            "ratio": f"{ours / base:.2f}x" if base else "-",
+            "target": target,
+            "met": "yes" if ok else "NO",
+        }
+        self.rows.append(row)
+        print(" | ".join(str(v) for v in row.values()), flush=True)
+
+    def markdown(self) -> str:
+        cols = list(self.rows[0])
+        lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
+        lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in self.rows]
+        return "\n".join(lines)
+
+
+def bench_derive(t: Table, q: bool) -> None:
+    n, r = (2_000, 3) if q else (20_000, 7)
+    ids = [f"lds_{i}" for i in range(64)]
+    it = iter(range(10**9))
+
+    def ours_v1():
+        return derive_seed(42, "model", ids[next(it) & 63])
+
+    def base_v1():
+        return int(hashlib.sha256(f"42_model_{ids[next(it) & 63]}".encode()).hexdigest()[:8], 16) % 2**31
+
+    def ours_v2():
+        return derive_seed(42, "model", ids[next(it) & 63], scheme="sha256-v2")
+
+    def base_v2():
+        return int.from_bytes(hashlib.sha256(f"42_model_{ids[next(it) & 63]}".encode()).digest()[:8], "big") >> 1
+
+    o, b = compare(ours_v1, base_v1, n, r)
+    t.add("derive_seed (sha256-v1)", o, b, "<= 1.5x", o / b <= 1.5)
+    o, b = compare(ours_v2, base_v2, n, r)
+    t.add("derive_seed (sha256-v2)", o, b, "<= 1.5x", o / b <= 1.5)
+
+
+def bench_seed(t: Table, q: bool) -> None:
+    n, r = (20_000, 3) if q else (500_000, 7)
+    s = SeedSession(1)
+    s.seed("model", "training")
+
+    class Plain:
+        def __init__(self) -> None:
+            self.d = {("model", "training"): 5}
+
+        def get(self, purpose, instance_id=None):
+            return self.d[(purpose, instance_id)]
+
+    p = Plain()
+    o, b = compare(lambda: s.seed("model", "training"), lambda: p.get("model", "training"), n, r)
+    t.add("memoized session.seed()", o, b, "<= 3x and < 0.5 us", o / b <= 3 and o < 0.5e-6)
+
+
+def bench_fork(t: Table, q: bool) -> None:
+    n, r = (2_000, 3) if q else (50_000, 7)
+    s = SeedSession(1)
+    seed = s.seed("noise")
+    gen = torch.default_generator
+
+    def ours():
+        with s.fork("noise"):
+            pass
+
+    def base():
+        with torch.random.fork_rng(devices=[]):
+            gen.manual_seed(seed)
+
+    o, b = compare(ours, base, n, r)
+    t.add("session.fork() enter+exit", o, b, "<= 1.5x", o / b <= 1.5)
+
+
+def bench_build_model(t: Table, q: bool) -> None:
+    n, r = (1, 3) if q else (3, 9)
+    factory = TinyCNN if q else resnet9
+    s = SeedSession(1)
+
+    def base():
+        m = factory()
+        h = hashlib.sha256()
+        for v in m.state_dict().values():
+            h.update(v.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return h.hexdigest()
+
+    o, b = compare(lambda: s.build_model(factory, "m"), base, n, r)
+    t.add(f"build_model ({'TinyCNN' if q else 'ResNet-9'}, fingerprint included)", o, b, "<= 1.05x", o / b <= 1.05)
+
+
+def bench_build_dataloader(t: Table, q: bool) -> None:
+    n, r = (100, 3) if q else (2_000, 7)
+    ds = ToyImages(256 if q else 50_000, augment=False)
+    s = SeedSession(1)
+    g = torch.Generator()
+    o, b = compare(
+        lambda: s.build_dataloader(ds, "d", batch_size=64, shuffle=True),
+        lambda: DataLoader(ds, batch_size=64, shuffle=True, generator=g),
+        n,
+        r,
+    )
+    s._loaders.clear()
+    t.add("build_dataloader", o, b, "<= 2x", o / b <= 2)
+
+
+def bench_sampler(t: Table, q: bool) -> None:
+    size = 10_000 if q else 1_000_000
+    n, r = (3, 3) if q else (3, 7)
+    ours_sampler = DeterministicSampler(size, seed=1)
+    g = torch.Generator()
+    g.manual_seed(1)
+    base_sampler = RandomSampler(range(size), generator=g)
+    o, b = compare(lambda: list(ours_sampler), lambda: list(base_sampler), n, r)
+    t.add(f"one epoch of sampler indices ({size:,} examples)", o, b, "<= 1.2x", o / b <= 1.2)
+
+
+class Small(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.x = torch.randn(n, 8)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.x[i]
+
+
+def bench_per_example(t: Table, q: bool) -> None:
+    size = 512 if q else 8_192
+    r = 3 if q else 7
+    ds = Small(size)
+    s = SeedSession(1)
+    with_seed = s.build_dataloader(ds, "a", batch_size=64, shuffle=True)
+    without = s.build_dataloader(ds, "b", batch_size=64, shuffle=True, seed_per_example=False)
+    o, b = compare(lambda: [x for x in with_seed], lambda: [x for x in without], 1, r)
+    extra = (o - b) / size
+    t.add("per-example seeding (main process, batch 64)", extra, None, "< 10 us per example", extra < 10e-6, note="per example")
+
+
+def bench_epoch(t: Table, q: bool) -> None:
+    size = 256 if q else 4_096
+    rounds = 2 if q else 5
+    ds = ToyImages(size)
+    torch.set_num_threads(1)
+
+    def plain_epoch() -> None:
+        torch.manual_seed(0)
+        model = TinyCNN()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        g = torch.Generator()
+        g.manual_seed(0)
+        loader = DataLoader(ds, batch_size=64, shuffle=True, num_workers=2, generator=g)
+        for x, y in loader:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    def seedreg_epoch() -> None:
+        s = SeedSession(0)
+        model = s.build_model(TinyCNN)
+        opt = s.build_optimizer(torch.optim.SGD, model.parameters(), lr=0.05, momentum=0.9)
+        loader = s.build_dataloader(ds, batch_size=64, shuffle=True, num_workers=2)
+        for x, y in loader:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    o, b = compare(seedreg_epoch, plain_epoch, 1, rounds)
+    t.add(f"one training epoch (TinyCNN, {size} examples, 2 workers)", o, b, "<= 1.02x", o / b <= 1.02)
+
+
+def bench_state(t: Table, q: bool) -> None:
+    n, r = (50, 3) if q else (1_000, 7)
+    s = SeedSession(1)
+    s.seed("model")
+
+    def ours():
+        s.load_state_dict(s.state_dict())
+
+    def base():
+        st = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+        torch.set_rng_state(st[0])
+        np.random.set_state(st[1])
+        random.setstate(st[2])
+
+    o, b = compare(ours, base, n, r)
+    t.add("state_dict() + load_state_dict()", o, b, "<= 3x", o / b <= 3)
+
+
+def bench_manifest(t: Table, q: bool, tmp: str) -> None:
+    count = 2_000 if q else 100_000
+    r = 3 if q else 5
+    records = tuple(SeedRecord(purpose="model", instance_id=f"lds_{i}", seed=i * 7919, kind="model") for i in range(count))
+    m = Manifest(master_seed=1, scheme="sha256-v2", records=records, settings={"deterministic": True, "warn_only": True, "fill_uninitialized_memory": True})
+    path = os.path.join(tmp, "m.json")
+    plain = [{"purpose": r.purpose, "instance_id": r.instance_id, "seed": r.seed, "kind": r.kind, "uses": 1, "details": {}} for r in records]
+    plain_path = os.path.join(tmp, "p.json")
+
+    def ours():
+        m.write(path)
+        Manifest.load(path)
+
+    def base():
+        with open(plain_path, "w") as fh:
+            fh.write(json.dumps(plain))
+        with open(plain_path) as fh:
+            json.loads(fh.read())
+
+    o, b = compare(ours, base, 1, r)
+    t.add(f"manifest dump + load ({count:,} records)", o, b, "<= 3x", o / b <= 3)
+
+
+def bench_memory(t: Table, q: bool) -> None:
+    count = 20_000 if q else 1_000_000
+    gc.collect()
+    tracemalloc.start()
+    s = SeedSession(1, scheme="sha256-v2")
+    for i in range(count):
+        s.seed("model", f"lds_{i}")
+    current, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    per = current / count
+    t.add(f"registry memory ({count:,} records, ids included)", per, None, "<= 300 bytes a record", per <= 300, note=f"{per:.0f} bytes")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--json", help="also write the table as JSON here")
+    args = parser.parse_args(argv)
+    import tempfile
+
+    torch.set_num_threads(1)
+    print(f"# seedreg benchmarks: python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
+          f"{platform.machine()}, {os.cpu_count()} cores{' (quick)' if args.quick else ''}")
+    print("operation | seedreg | baseline | ratio | target | met")
+    t = Table()
+    with tempfile.TemporaryDirectory() as tmp:
+        bench_derive(t, args.quick)
+        bench_seed(t, args.quick)
+        bench_fork(t, args.quick)
+        bench_build_model(t, args.quick)
+        bench_build_dataloader(t, args.quick)
+        bench_sampler(t, args.quick)
+        bench_per_example(t, args.quick)
+        bench_state(t, args.quick)
+        bench_manifest(t, args.quick, tmp)
+        bench_memory(t, args.quick)
+        bench_epoch(t, args.quick)
+    print()
+    print(t.markdown())
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(t.rows, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
