@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
+import struct
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -25,32 +27,32 @@ from .errors import StateError
 from .rng import seed_numpy_global
 from .sampler import DeterministicSampler
 
-__all__ = ["ExampleSeededDataset", "SeededDataLoader", "example_seeds"]
+__all__ = ["ExampleSeededDataset", "SeededDataLoader"]
 
 _EXAMPLE_STREAM = 0x5EED_0002
 _WORKER_STREAM = 0x5EED_0003
 _BASE_STREAM = 0x5EED_0004
 _default_generator = torch.default_generator
 
-import hashlib as _hashlib
-import struct as _struct
-
-_pack4 = _struct.Struct("<4Q").pack
-_sha256 = _hashlib.sha256
+_pack4 = struct.Struct("<4Q").pack
+_sha256 = hashlib.sha256
 _from_bytes = int.from_bytes
 
 
-def example_seeds(loader_seed: int, epoch: int, index: int) -> Tuple[int, int, int]:
-    """The (python, numpy, torch) seeds of example `index` in `epoch`: three slices of one SHA-256."""
-    d = _sha256(_pack4(_EXAMPLE_STREAM, loader_seed, epoch, index)).digest()
-    return _from_bytes(d[0:8], "little"), _from_bytes(d[8:12], "little"), _from_bytes(d[16:24], "little")
-
-
-def _seed_example(loader_seed: int, epoch: int, index: int) -> None:
-    d = _sha256(_pack4(_EXAMPLE_STREAM, loader_seed, epoch, index)).digest()
-    random.seed(_from_bytes(d[0:8], "little"))
-    np.random.seed(_from_bytes(d[8:12], "little"))
-    _default_generator.manual_seed(_from_bytes(d[16:24], "little"))
+def _seeded_fetch(dataset: Any, seed: int, epoch: int, indices: List[int]) -> List[Any]:
+    """Fetch `indices`, seeding random, numpy and torch before each from a hash of
+    (seed, epoch, index): three slices of one SHA-256 (the hot loop of per-example streams)."""
+    out = []
+    append = out.append
+    pack, sha, from_bytes = _pack4, _sha256, _from_bytes
+    py_seed, np_seed, torch_seed = random.seed, np.random.seed, _default_generator.manual_seed
+    for i in indices:
+        d = sha(pack(_EXAMPLE_STREAM, seed, epoch, i)).digest()
+        py_seed(from_bytes(d[0:8], "little"))
+        np_seed(from_bytes(d[8:12], "little"))
+        torch_seed(from_bytes(d[16:24], "little"))
+        append(dataset[i])
+    return out
 
 
 class ExampleSeededDataset(torch.utils.data.Dataset):
@@ -80,23 +82,15 @@ class ExampleSeededDataset(torch.utils.data.Dataset):
         if not self.per_example:
             getitems = getattr(dataset, "__getitems__", None)
             return list(getitems(indices)) if getitems else [dataset[i] for i in indices]
-        seed = self.seed
-        out = []
         if get_worker_info() is not None:
-            for i in indices:
-                _seed_example(seed, epoch, i)
-                out.append(dataset[i])
-            return out
+            return _seeded_fetch(dataset, self.seed, epoch, indices)
         py, npst, cpu = random.getstate(), np.random.get_state(), _default_generator.get_state()
         try:
-            for i in indices:
-                _seed_example(seed, epoch, i)
-                out.append(dataset[i])
+            return _seeded_fetch(dataset, self.seed, epoch, indices)
         finally:
             random.setstate(py)
             np.random.set_state(npst)
             _default_generator.set_state(cpu)
-        return out
 
     def _weighted(self, indices: List[int], items: List[Any]) -> List[Any]:
         if self.weights is None:
@@ -137,7 +131,7 @@ class _KeyedBatches:
         self.loader = loader
 
     def __len__(self) -> int:
-        n, bs = len(self.loader.sampler), self.loader._batch
+        n, bs = len(self.loader.sampler), self.loader.batch_size
         if bs is None:
             return n
         return n // bs if self.loader.drop_last else -(-n // bs)
@@ -149,7 +143,7 @@ class _KeyedBatches:
         if loader._plan is None:
             loader._plan_epoch()
         epoch, indices = loader._plan  # type: ignore[misc]
-        return self._batches(epoch, indices, loader._batch, loader.drop_last)
+        return self._batches(epoch, indices, loader.batch_size, loader.drop_last)
 
     @staticmethod
     def _batches(epoch: int, indices: List[int], bs: Optional[int], drop_last: bool) -> Iterator[Any]:
@@ -189,7 +183,7 @@ class _Tracked:
             sampler._exhausted = True
             raise
         sampler = loader.sampler
-        step = 1 if loader._batch is None else loader._batch
+        step = 1 if loader.batch_size is None else loader.batch_size
         sampler.position = min(sampler.position + step, sampler.num_samples)
         return batch
 
@@ -215,20 +209,17 @@ class SeededDataLoader(DataLoader):
         worker_init_fn: Optional[Callable[[int], None]] = None,
         **kwargs: Any,
     ) -> None:
-        self._batch = batch_size
         self._keyed = _KeyedBatches(self)
-        self._seed = seed
         self._instance_id = instance_id
         self._before_batch: Optional[Callable[[], None]] = None
         self._plan: Optional[Tuple[int, List[int]]] = None
-        self._generator = torch.Generator()
         wrapped = ExampleSeededDataset(dataset, seed, per_example=seed_per_example, weights=weights)
         super().__init__(
             wrapped,
             batch_size=batch_size,
             sampler=sampler,
             drop_last=drop_last,
-            generator=self._generator,
+            generator=torch.Generator(),
             worker_init_fn=_WorkerInit(seed, worker_init_fn),
             **kwargs,
         )
@@ -240,7 +231,7 @@ class SeededDataLoader(DataLoader):
     @property
     def seed(self) -> int:
         """The loader's seed (purpose "dataloader" in the session's registry)."""
-        return self._seed
+        return self.sampler.seed
 
     @property
     def instance_id(self) -> Any:
@@ -253,7 +244,7 @@ class SeededDataLoader(DataLoader):
         self._plan = (epoch, indices)
         # DataLoader draws its workers' base seed from our generator right after this: derive it
         # from (seed, epoch) so that nothing about an epoch depends on what came before it.
-        self._generator.manual_seed(mix_seed(_BASE_STREAM, self._seed, epoch))
+        self.generator.manual_seed(mix_seed(_BASE_STREAM, sampler.seed, epoch))
         self.worker_init_fn.epoch = epoch
 
     def __iter__(self) -> _Tracked:  # type: ignore[override]
@@ -270,7 +261,7 @@ class SeededDataLoader(DataLoader):
 
     def state_dict(self) -> Dict[str, Any]:
         """JSON-native: the sampler's state (seed, epoch, position) and the batch size."""
-        return {"instance_id": self._instance_id, "batch_size": self._batch, "drop_last": self.drop_last, "sampler": self.sampler.state_dict()}
+        return {"instance_id": self._instance_id, "batch_size": self.batch_size, "drop_last": self.drop_last, "sampler": self.sampler.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume at the first batch not consumed when `state` was taken."""
@@ -279,7 +270,7 @@ class SeededDataLoader(DataLoader):
         for key in ("instance_id", "batch_size", "drop_last"):
             if key not in state:
                 raise StateError(f"loader state is missing {key!r}.")
-            mine = getattr(self, "_instance_id" if key == "instance_id" else ("_batch" if key == "batch_size" else key))
+            mine = self._instance_id if key == "instance_id" else getattr(self, key)
             if state[key] != mine or type(state[key]) is not type(mine):
                 raise StateError(
                     f"loader state has {key}={state[key]!r} but this loader has {key}={mine!r}; "

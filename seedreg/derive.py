@@ -25,11 +25,10 @@ of about 5e-10.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import operator
 import struct
-from typing import Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 __all__ = ["SCHEMES", "DEFAULT_SCHEME", "InstanceId", "derive_seed", "derivation_input", "mix_seed"]
 
@@ -101,33 +100,46 @@ def _v1_input(master_seed: int, purpose: str, instance_id: InstanceId) -> bytes:
 _len8 = struct.Struct(">Q").pack
 
 
-@functools.lru_cache(maxsize=4096)
 def _v2_prefix(master_seed: int, purpose: str) -> bytes:
     m = str(master_seed).encode()
     p = purpose.encode("utf-8", "surrogatepass")
     return _V2_TAG + b"i" + _len8(len(m)) + m + b"s" + _len8(len(p)) + p
 
 
-def _v2_input(master_seed: int, purpose: str, instance_id: InstanceId) -> bytes:
-    """Tagged, length-prefixed fields: b"i" + len + decimal for ints, b"s" + len + UTF-8 for
-    strs, b"n" for None; after a fixed tag. No two distinct inputs share an encoding."""
+def _v2_tail(instance_id: InstanceId) -> bytes:
     if instance_id is None:
-        tail = b"n"
-    elif type(instance_id) is int:
+        return b"n"
+    if type(instance_id) is int:
         data = str(instance_id).encode()
-        tail = b"i" + _len8(len(data)) + data
-    else:
-        data = instance_id.encode("utf-8", "surrogatepass")  # type: ignore[union-attr]
-        tail = b"s" + _len8(len(data)) + data
-    return _v2_prefix(master_seed, purpose) + tail
+        return b"i" + _len8(len(data)) + data
+    data = instance_id.encode("utf-8", "surrogatepass")  # type: ignore[union-attr]
+    return b"s" + _len8(len(data)) + data
+
+
+def _v2_input(master_seed: int, purpose: str, instance_id: InstanceId) -> bytes:
+    """Tagged, length-prefixed fields after a fixed tag: b"i" + 8-byte length + decimal for ints,
+    b"s" + 8-byte length + UTF-8 for strs, b"n" for None. No two distinct inputs share an encoding."""
+    return _v2_prefix(master_seed, purpose) + _v2_tail(instance_id)
+
+
+# SHA-256 states after hashing each (master seed, purpose) prefix: a seed then costs one copy and
+# the instance id's bytes. Bounded, since purposes are few in practice.
+_V2_STATES: Dict[Tuple[int, str], Any] = {}
+
+
+def _v2(master_seed: int, purpose: str, instance_id: InstanceId) -> int:
+    state = _V2_STATES.get((master_seed, purpose))
+    if state is None:
+        if len(_V2_STATES) > 4096:
+            _V2_STATES.clear()
+        state = _V2_STATES[(master_seed, purpose)] = _sha256(_v2_prefix(master_seed, purpose))
+    h = state.copy()
+    h.update(_v2_tail(instance_id))
+    return _from_bytes(h.digest()[:8], "big") >> 1
 
 
 def _v1(master_seed: int, purpose: str, instance_id: InstanceId) -> int:
     return int(_sha256(_v1_input(master_seed, purpose, instance_id)).hexdigest()[:8], 16) % 2**31
-
-
-def _v2(master_seed: int, purpose: str, instance_id: InstanceId) -> int:
-    return _from_bytes(_sha256(_v2_input(master_seed, purpose, instance_id)).digest()[:8], "big") >> 1
 
 
 SCHEMES: Dict[str, Callable[[int, str, InstanceId], int]] = {"sha256-v1": _v1, "sha256-v2": _v2}

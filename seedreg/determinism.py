@@ -71,6 +71,8 @@ class ViolationLog:
 # ``setup()`` with warn_only=True, that copies torch's "no deterministic implementation" warnings
 # into the logs of the live sessions and then shows the warning as before.
 _sinks: "weakref.WeakSet[ViolationLog]" = weakref.WeakSet()
+# The CUBLAS_WORKSPACE_CONFIG value an earlier setup() in this process wrote, if any.
+_state: Dict[str, Any] = {}
 _previous_showwarning: Optional[Any] = None
 
 
@@ -108,9 +110,11 @@ def apply_settings(settings: DeterminismSettings, violations: ViolationLog) -> D
             warnings.warn(message, RuntimeWarning, stacklevel=3)
             violations.add("cublas_late", message)
         os.environ[CUBLAS_VAR] = CUBLAS_DEFAULT
+        _state["cublas_set"] = CUBLAS_DEFAULT
         applied["cublas_workspace_config"] = {"value": CUBLAS_DEFAULT, "set_by": "seedreg"}
     else:
-        applied["cublas_workspace_config"] = {"value": current, "set_by": "user"}
+        by = "seedreg" if _state.get("cublas_set") == current else "user"
+        applied["cublas_workspace_config"] = {"value": current, "set_by": by}
         if not _CUBLAS_FORMAT.match(current):
             message = (
                 f"{CUBLAS_VAR}={current!r} is malformed (expected ':4096:8' or ':16:8'); seedreg "

@@ -35,6 +35,7 @@ _TOP = {
     "settings", "applied", "environment", "violations", "records", "ranks", "replay",
 }
 _RECORD = {"purpose", "instance_id", "seed", "kind", "uses", "details"}
+_RECORD_KEYS = frozenset(_RECORD)
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -66,10 +67,33 @@ _PRETTY = json.JSONEncoder(sort_keys=True, ensure_ascii=False, allow_nan=False, 
 _CHECKSUM_LINE = re.compile(r'^  "checksum": "(sha256:[0-9a-f]{64})",$')
 
 
+_encode_str = json.encoder.encode_basestring  # the C encoder json.dumps uses with ensure_ascii=False
+
+
+def _record_line(r: Any) -> str:
+    """One record as `_LINE.encode(record_to_dict(r))` would write it, without building the dict.
+
+    Records come as SeedRecords (when writing) or as dicts (when checking a loaded body); a dict
+    of any other shape is encoded as it is.
+    """
+    if isinstance(r, SeedRecord):
+        purpose, iid, seed, kind, uses, details = r.purpose, r.instance_id, r.seed, r.kind, r.uses, r.details
+    elif type(r) is dict and len(r) == 6 and _RECORD_KEYS.issuperset(r):
+        purpose, iid, seed, kind, uses, details = r["purpose"], r["instance_id"], r["seed"], r["kind"], r["uses"], r["details"]
+    else:
+        return _LINE.encode(r)
+    if not (type(purpose) is str and type(kind) is str and type(seed) is int and type(uses) is int and (iid is None or type(iid) in (int, str))):
+        return _LINE.encode({"details": details, "instance_id": iid, "kind": kind, "purpose": purpose, "seed": seed, "uses": uses})
+    text_id = "null" if iid is None else (str(iid) if type(iid) is int else _encode_str(iid))
+    text_details = _LINE.encode(details) if details else "{}"
+    return f'{{"details": {text_details}, "instance_id": {text_id}, "kind": {_encode_str(kind)}, "purpose": {_encode_str(purpose)}, "seed": {seed}, "uses": {uses}}}'
+
+
 def _records_text(records: List[Any], indent: str) -> str:
     if not records:
         return "[]"
-    return "[\n" + ",\n".join(indent + "  " + _LINE.encode(r) for r in records) + "\n" + indent + "]"
+    pad = indent + "  "
+    return "[\n" + ",\n".join([pad + _record_line(r) for r in records]) + "\n" + indent + "]"
 
 
 def render(body: Mapping[str, Any]) -> str:
@@ -138,7 +162,6 @@ def record_from_dict(data: Any, where: str) -> SeedRecord:
     return SeedRecord(purpose=purpose, instance_id=instance_id, seed=seed, kind=kind, uses=uses, details=details)
 
 
-_RECORD_KEYS = frozenset(_RECORD)
 _KIND_SET = frozenset(KINDS)
 
 
@@ -147,27 +170,32 @@ def _records(data: Any, where: str) -> Tuple[SeedRecord, ...]:
         raise ManifestError(f"{where} must be a list, got {type(data).__name__}.")
     out = []
     seen = set()
+    kinds = _KIND_SET
     for i, d in enumerate(data):
         # A fast check of the common shape; anything unusual goes through record_from_dict,
         # which names exactly what is wrong.
+        try:
+            if type(d) is not dict or len(d) != 6:
+                raise KeyError
+            purpose, iid, seed, kind, uses, details = d["purpose"], d["instance_id"], d["seed"], d["kind"], d["uses"], d["details"]
+        except KeyError:
+            purpose = None
         if (
-            type(d) is not dict
-            or d.keys() != _RECORD_KEYS
-            or type(d["purpose"]) is not str
-            or not d["purpose"]
-            or not (d["instance_id"] is None or type(d["instance_id"]) in (str, int))
-            or type(d["seed"]) is not int
-            or not 0 <= d["seed"] < 2**64
-            or d["kind"] not in _KIND_SET
-            or type(d["uses"]) is not int
-            or d["uses"] < 1
-            or type(d["details"]) is not dict
+            type(purpose) is not str
+            or not purpose
+            or not (iid is None or type(iid) is str or type(iid) is int)
+            or type(seed) is not int
+            or not 0 <= seed < 18446744073709551616
+            or kind not in kinds
+            or type(uses) is not int
+            or uses < 1
+            or type(details) is not dict
         ):
             record = record_from_dict(d, f"{where}[{i}]")
         else:
-            if d["details"]:
-                _check_json(d["details"], f"{where}[{i}]['details']")
-            record = SeedRecord(purpose=d["purpose"], instance_id=d["instance_id"], seed=d["seed"], kind=d["kind"], uses=d["uses"], details=d["details"])
+            if details:
+                _check_json(details, f"{where}[{i}]['details']")
+            record = SeedRecord(purpose=purpose, instance_id=iid, seed=seed, kind=kind, uses=uses, details=details)
         key = (record.purpose, type(record.instance_id), record.instance_id)
         if key in seen:
             raise ManifestError(f"{where} lists ({record.purpose!r}, {record.instance_id!r}) twice.")
@@ -215,7 +243,8 @@ class Manifest:
 
     # -- dict and JSON -----------------------------------------------------------------------------
 
-    def _body(self) -> Dict[str, Any]:
+    def _body(self, *, as_dicts: bool = True) -> Dict[str, Any]:
+        to = record_to_dict if as_dicts else (lambda r: r)
         return {
             "format": FORMAT,
             "schema_version": SCHEMA_VERSION,
@@ -227,8 +256,8 @@ class Manifest:
             "applied": dict(self.applied),
             "environment": dict(self.environment),
             "violations": [dict(v) for v in self.violations],
-            "records": [record_to_dict(r) for r in self.records],
-            "ranks": [[record_to_dict(r) for r in rank] for rank in self.ranks],
+            "records": [to(r) for r in self.records],
+            "ranks": [[to(r) for r in rank] for rank in self.ranks],
             "replay": None if self.replay is None else dict(self.replay),
         }
 
@@ -241,7 +270,7 @@ class Manifest:
     def to_json(self) -> str:
         """The file text: the body rendered (keys sorted, one record per line), checksum on line 2."""
         try:
-            return _with_checksum(render(self._body()))
+            return _with_checksum(render(self._body(as_dicts=False)))
         except (TypeError, ValueError) as exc:
             raise ManifestError(f"manifest holds something that is not JSON data: {exc}.") from None
 
