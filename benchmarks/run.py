@@ -162,13 +162,14 @@ def bench_build_dataloader(t: Table, q: bool) -> None:
     n, r = (100, 3) if q else (2_000, 7)
     ds = ToyImages(256 if q else 50_000, augment=False)
     s = SeedSession(1)
-    g = torch.Generator()
-    o, b = compare(
-        lambda: s.build_dataloader(ds, "d", batch_size=64, shuffle=True),
-        lambda: DataLoader(ds, batch_size=64, shuffle=True, generator=g),
-        n,
-        r,
-    )
+
+    def base():
+        # the plain-PyTorch deterministic loader: a seeded generator of its own
+        g = torch.Generator()
+        g.manual_seed(1234)
+        return DataLoader(ds, batch_size=64, shuffle=True, generator=g)
+
+    o, b = compare(lambda: s.build_dataloader(ds, "d", batch_size=64, shuffle=True), base, n, r)
     s._loaders.clear()
     t.add("build_dataloader", o, b, "<= 2x", o / b <= 2)
 

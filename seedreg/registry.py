@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 import attrs
 
 from .derive import InstanceId, check_instance_id, check_purpose, derivation_input, derive_seed
-from .errors import ReplayMismatchError, SeedCollisionError
+from .errors import ReplayMismatchError, SeedCollisionError, StateError
 
 __all__ = ["SeedRecord", "Registry", "KINDS"]
 
@@ -195,20 +195,27 @@ class Registry:
     def state_dict(self) -> List[Dict[str, Any]]:
         return [record_to_dict(r) for r in self.records()]
 
-    def load_records(self, records: List[SeedRecord]) -> None:
-        """Replace the registry's content by `records` (resume), re-deriving each seed to check it."""
+    def memo_from_records(self, records: List[SeedRecord]) -> "_Memo":
+        """Check `records` (each seed re-derived) and build the memo they stand for; changes nothing."""
         memo: _Memo = {}
         for r in records:
             derived = derive_seed(self.master_seed, r.purpose, r.instance_id, scheme=self.scheme)
             if derived != r.seed:
-                raise ReplayMismatchError(
+                raise StateError(
                     f"record {_show(r.key)} holds seed {r.seed} but derives {derived} under "
-                    f"scheme {self.scheme!r} and master seed {self.master_seed}."
+                    f"scheme {self.scheme!r} and master seed {self.master_seed}: the state is corrupt."
                 )
             entry = _Entry(r.seed, r.kind)
             entry.uses = r.uses
             entry.details = dict(r.details) or None
             memo[r.key] = entry
+        return memo
+
+    def load_records(self, records: List[SeedRecord]) -> None:
+        """Replace the registry's content by `records` (resume), re-deriving each seed to check it."""
+        self.install(self.memo_from_records(records))
+
+    def install(self, memo: "_Memo") -> None:
         with self._lock:
             self._memo.clear()  # in place: the session holds a reference for its fast path
             self._memo.update(memo)

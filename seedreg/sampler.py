@@ -24,6 +24,8 @@ _EPOCH_STREAM = 0x5EED_0001
 
 
 def _check_int(name: str, value: object, low: int, high: Optional[int] = None) -> int:
+    if type(value) is int and value >= low and (high is None or value <= high):
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"`{name}` must be an int, got {value!r} ({type(value).__name__}).")
     value = int(value)

@@ -251,9 +251,9 @@ class SeedSession:
           batch of the full run and yields ``(batch, weights)`` with weight 0.0 for removed examples.
         - The loader reports to the session: ``state_dict()`` and the manifest include it.
         """
-        for name, why in _REFUSED_LOADER_ARGS.items():
-            if name in dataloader_kwargs:
-                raise TypeError(f"build_dataloader() does not take `{name}`: {why}.")
+        if dataloader_kwargs and not _REFUSED_LOADER_ARGS.keys().isdisjoint(dataloader_kwargs):
+            name = next(n for n in _REFUSED_LOADER_ARGS if n in dataloader_kwargs)
+            raise TypeError(f"build_dataloader() does not take `{name}`: {_REFUSED_LOADER_ARGS[name]}.")
         if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise TypeError(
                 f"`dataset` must be a map-style dataset (with __getitem__ and __len__), got {type(dataset).__name__}; "
@@ -264,9 +264,9 @@ class SeedSession:
             raise ValueError(f"`batch_size` must be an int >= 1 or None, got {batch_size!r}.")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"`num_workers` must be an int >= 0, got {num_workers!r}.")
-        for name, value in (("shuffle", shuffle), ("drop_last", drop_last), ("seed_per_example", seed_per_example)):
-            if not isinstance(value, bool):
-                raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+        if type(shuffle) is not bool or type(drop_last) is not bool or type(seed_per_example) is not bool:
+            name, value = next((n, v) for n, v in (("shuffle", shuffle), ("drop_last", drop_last), ("seed_per_example", seed_per_example)) if type(v) is not bool)
+            raise TypeError(f"`{name}` must be a bool, got {value!r}.")
         if subset_mode not in ("drop", "weight"):
             raise ValueError(f"`subset_mode` must be 'drop' or 'weight', got {subset_mode!r}.")
         size = len(dataset)
@@ -304,7 +304,7 @@ class SeedSession:
             "num_workers": num_workers,
             "drop_last": drop_last,
             "seed_per_example": seed_per_example,
-            "subset_size": None if subset is None else int(len(subset_indices(subset, size))),
+            "subset_size": None if subset is None else int(len(kept)),
             "subset_mode": None if subset is None else subset_mode,
             "world_size": self.world_size,
         }
@@ -493,6 +493,7 @@ class SeedSession:
             records = [record_from_dict(r, f"state['records'][{i}]") for i, r in enumerate(state["records"])]
         except SeedregError as exc:
             raise StateError(str(exc)) from None
+        memo = self._registry.memo_from_records(records)
         rng = decode_global(state["rng"])
         loaders = state["loaders"]
         if not isinstance(loaders, list) or len(loaders) != len(self._loaders):
@@ -504,11 +505,11 @@ class SeedSession:
         try:
             for loader, loader_state in zip(self._loaders, loaders):
                 loader.load_state_dict(loader_state)
-            self._registry.load_records(records)
         except SeedregError:
             for loader, snapshot in zip(self._loaders, snapshots):
                 loader.load_state_dict(snapshot)
             raise
+        self._registry.install(memo)
         if self._loaders:
             self._pending_rng = (rng, state["rng"])
             for loader in self._loaders:
