@@ -63,8 +63,29 @@ class StepCheckpoints:
     loader's epoch and position, the registry). :meth:`replay` restores the checkpoint at or before
     step `t` and runs `step_fn` until step `t` is done, whatever happened to the RNGs in between.
 
-    The training loop calls ``maybe_save(step)`` *before* running step `step`; `step_fn(batch)`
-    runs one step on the batch the loader hands out.
+    The training loop calls ``maybe_save(step)`` whenever `step` steps are done (``maybe_save(0)``
+    before the loop), that is, before the batch of step `step` is drawn; `step_fn(batch)` runs one
+    step on the batch the loader hands out. Replay uses the same model, optimizer and loader: run
+    it after training (or on objects built the same way), not inside the training loop.
+
+    >>> import torch
+    >>> from seedreg import SeedSession
+    >>> s = SeedSession(0)
+    >>> model = s.build_model(torch.nn.Linear, None, in_features=2, out_features=1)
+    >>> opt = s.build_optimizer(torch.optim.SGD, model.parameters(), lr=0.1)
+    >>> loader = s.build_dataloader(torch.randn(8, 2), batch_size=2, shuffle=True)
+    >>> def step_fn(x):
+    ...     opt.zero_grad(); model(x).pow(2).mean().backward(); opt.step()
+    >>> ckpt = StepCheckpoints(s, model, opt, loader, every=2)
+    >>> after, step = {}, 0
+    >>> _ = ckpt.maybe_save(0)
+    >>> for x in loader:
+    ...     step_fn(x); after[step] = model.weight.clone(); step += 1; _ = ckpt.maybe_save(step)
+    >>> _ = torch.rand(5)  # disturb the global generator
+    >>> ckpt.replay(3, step_fn)  # restores the checkpoint of step 2, runs steps 2 and 3
+    2
+    >>> torch.equal(model.weight, after[3])
+    True
     """
 
     def __init__(self, session: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Any, *, every: int) -> None:
@@ -85,7 +106,7 @@ class StepCheckpoints:
         }
 
     def maybe_save(self, step: int) -> bool:
-        """Save the state before `step` if `step` is a multiple of `every`; return whether it did."""
+        """Save the state with `step` steps done if `step` is a multiple of `every`; return whether it did."""
         if step % self.every:
             return False
         self.saved[step] = self.capture()
