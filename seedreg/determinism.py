@@ -177,8 +177,33 @@ def environment(world_size: int = 1) -> Dict[str, Any]:
         "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "fill_uninitialized_memory": getattr(utils_det, "fill_uninitialized_memory", None),
+        "autocast_cpu": torch.is_autocast_enabled("cpu") if _autocast_takes_device() else None,
+        "compiled_graphs": _compiled_graphs(),
         "world_size": world_size,
     }
+
+
+def _autocast_takes_device() -> bool:
+    try:
+        torch.is_autocast_enabled("cpu")
+        return True
+    except TypeError:  # pragma: no cover - torch < 2.4
+        return False
+
+
+def _compiled_graphs() -> Optional[int]:
+    """How many graphs torch.compile built in this process so far (None if it was never imported).
+
+    torch.compile draws random numbers differently from eager mode, so a replay must compile too.
+    """
+    if "torch._dynamo" not in sys.modules:
+        return None
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # pragma: no cover - internal API moved
+        return None
 
 
 #: Environment keys whose difference rules out bitwise equality of a replay.
@@ -196,6 +221,7 @@ BITWISE_KEYS = (
     "cudnn_allow_tf32",
     "cuda_matmul_allow_tf32",
     "float32_matmul_precision",
+    "autocast_cpu",
     "world_size",
 )
 
@@ -228,5 +254,7 @@ def readiness(env: Dict[str, Any]) -> List[Dict[str, str]]:
         add("warn", f"float32 matmul precision is {env.get('float32_matmul_precision')!r}: results depend on the hardware's fast paths.")
     if env.get("cudnn_benchmark"):
         add("warn", "cudnn.benchmark=True picks kernels by timing: runs differ; setup() turns it off.")
+    if env.get("compiled_graphs"):
+        add("warn", f"torch.compile built {env['compiled_graphs']} graph(s) in this process: compiled code draws random numbers differently from eager mode, so a replay must compile the same way.")
     add("info", f"torch {env.get('torch')}, numpy {env.get('numpy')}, python {env.get('python')}: a replay on other versions is only statistically comparable.")
     return checks

@@ -374,7 +374,7 @@ class Manifest:
             data = json.loads(text, parse_constant=_no_constants)
         except RecursionError:
             raise ManifestError("manifest is nested too deeply.") from None
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # JSONDecodeError, and ints past Python's digit limit
             raise ManifestError(f"manifest is not valid JSON (truncated or damaged?): {exc}.") from None
         try:
             return cls._from_dict(data, verify=False)

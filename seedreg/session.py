@@ -52,6 +52,30 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def _check_device(device: Any) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"`device` must name a torch device such as 'cpu' or 'cuda:0', got {device!r}.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`device` is {device!r} but this process sees no CUDA device; use device='cpu'.")
+    return dev
+
+
+def _check_cuda_devices(devices: Any) -> List[int]:
+    try:
+        out = [int(d) if isinstance(d, int) and not isinstance(d, bool) else torch.device(d).index for d in devices]
+    except (RuntimeError, TypeError, ValueError):
+        out = [None]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if any(d is None or not 0 <= d < count for d in out):
+        raise ValueError(
+            f"`devices` must list CUDA device indices in [0, {count - 1}] (this process sees {count}), got {devices!r}; "
+            f"pass devices=[] to fork no CUDA generator."
+        )
+    return out  # type: ignore[return-value]
+
+
 class SeedSession:
     """Seeds, records and replays every source of randomness in one experiment.
 
@@ -149,8 +173,9 @@ class SeedSession:
 
     def generator(self, purpose: str, instance_id: InstanceId = None, device: Union[str, torch.device] = "cpu") -> torch.Generator:
         """A new ``torch.Generator`` on `device`, at the start of the stream of (purpose, instance_id)."""
+        dev = _check_device(device)
         seed = self._seed(purpose, instance_id, "generator")
-        g = torch.Generator(device=device)
+        g = torch.Generator(device=dev)
         g.manual_seed(seed)
         return g
 
@@ -180,6 +205,8 @@ class SeedSession:
         >>> torch.equal(a, b)
         True
         """
+        if devices is not None:
+            devices = _check_cuda_devices(devices)
         return Fork(self._seed(purpose, instance_id, "fork"), devices=devices, python=python, numpy=numpy, enabled=enabled)
 
     @property
@@ -203,6 +230,7 @@ class SeedSession:
         if isinstance(model, torch.nn.Module):
             details = {
                 "class": f"{type(model).__module__}.{type(model).__qualname__}",
+                "compiled": hasattr(model, "_orig_mod"),
                 "fingerprint": fingerprint(model),
                 "parameters": int(sum(p.numel() for p in model.parameters())),
             }

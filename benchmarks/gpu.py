@@ -1,0 +1,112 @@
+"""What deterministic mode costs on a GPU, and whether two deterministic runs agree bit for bit.
+
+    python benchmarks/gpu.py [--epochs 4] [--examples 50000]
+
+A ResNet-9 on CIFAR-shaped random data already on the device (batch 512, bf16 autocast,
+channels_last), one fresh process per configuration:
+
+- ``benchmark``: ``cudnn.benchmark=True``, no deterministic mode (the plain-PyTorch baseline);
+- ``seedreg``: ``SeedSession.setup()`` defaults (``fill_uninitialized_memory=True``);
+- ``seedreg-nofill``: the same with ``fill_uninitialized_memory=False``;
+- ``seedreg`` again, to compare final weights bit for bit.
+
+Prints seconds per steady-state epoch (the first epoch is warm-up), the ratio to the baseline,
+and how many ops ran without a deterministic kernel (recorded in the manifest's violations).
+Needs CUDA; exits 0 with a message without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_config(config: str, epochs: int, examples: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, HERE)
+    from models import resnet9
+
+    from seedreg import SeedSession, fingerprint
+
+    if config == "benchmark":
+        torch.backends.cudnn.benchmark = True
+        torch.manual_seed(0)
+        model = resnet9()
+        session = None
+    else:
+        session = SeedSession(0, fill_uninitialized_memory=(config != "seedreg-nofill")).setup()
+        model = session.build_model(resnet9)
+    model = model.cuda().to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, nesterov=True)
+    g = torch.Generator(device="cuda")
+    g.manual_seed(1)
+    x = torch.randn(examples, 3, 32, 32, device="cuda", generator=g).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (examples,), device="cuda", generator=g)
+    times = []
+    for epoch in range(epochs):
+        order = torch.randperm(examples, device="cuda", generator=g)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for i in range(0, examples, 512):
+            idx = order[i : i + 512]
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    steady = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
+    return {
+        "config": config,
+        "seconds_per_epoch": steady,
+        "fingerprint": fingerprint(model),
+        "violations": len(session.violations) if session else None,
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--examples", type=int, default=50_000)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.config:
+        print(json.dumps(run_config(args.config, args.epochs, args.examples)))
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        print("benchmarks/gpu.py needs a CUDA device; none is visible.")
+        return 0
+    results = []
+    for config in ("benchmark", "seedreg", "seedreg-nofill", "seedreg"):
+        env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+        proc = subprocess.run(
+            [sys.executable, __file__, "--config", config, "--epochs", str(args.epochs), "--examples", str(args.examples)],
+            capture_output=True, text=True, env=env, check=True,
+        )
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    base = results[0]["seconds_per_epoch"]
+    print(f"# {results[0]['gpu']}, torch {results[0]['torch']}, ResNet-9, {args.examples} examples, batch 512, bf16 autocast, channels_last")
+    print("| settings | s / epoch | ratio | ops without a deterministic kernel |")
+    print("| --- | --- | --- | --- |")
+    for r in results[:3]:
+        print(f"| {r['config']} | {r['seconds_per_epoch']:.3f} | {r['seconds_per_epoch'] / base:.2f}x | {r['violations'] if r['violations'] is not None else '-'} |")
+    same = results[1]["fingerprint"] == results[3]["fingerprint"]
+    print(f"\ntwo deterministic runs, final weights bit for bit equal: {'yes' if same else 'NO'}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

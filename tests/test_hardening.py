@@ -1,0 +1,388 @@
+"""Hardening: bad input everywhere, fuzzed manifests and states, concurrency, faults, diagnostics."""
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from seedreg import (
+    DeterministicSampler,
+    Manifest,
+    ManifestError,
+    SeedregError,
+    SeedSession,
+    StateError,
+    derive_seed,
+    fingerprint,
+)
+from seedreg.demo import TinyCNN, ToyImages
+from seedreg.manifest import _with_checksum, render
+
+from .conftest import ROOT, SCRIPTS, run_python
+
+S = SeedSession(1)
+BAD_CALLS = [
+    ("derive_seed(master=None)", lambda: derive_seed(None, "m")),
+    ("derive_seed(master=2**40)", lambda: derive_seed(2**40, "m")),
+    ("derive_seed(master=nan)", lambda: derive_seed(float("nan"), "m")),
+    ("derive_seed(purpose=[])", lambda: derive_seed(1, [])),
+    ("derive_seed(scheme=1)", lambda: derive_seed(1, "m", scheme=1)),
+    ("SeedSession(master='42')", lambda: SeedSession("42")),
+    ("SeedSession(master=1.5)", lambda: SeedSession(1.5)),
+    ("SeedSession(warn_only=None)", lambda: SeedSession(1, warn_only=None)),
+    ("SeedSession(world_size=0)", lambda: SeedSession(1, world_size=0)),
+    ("SeedSession(rank=-1)", lambda: SeedSession(1, rank=-1, world_size=2)),
+    ("SeedSession(rank=True)", lambda: SeedSession(1, rank=True, world_size=2)),
+    ("seed(purpose='')", lambda: S.seed("")),
+    ("seed(purpose=None)", lambda: S.seed(None)),
+    ("seed(instance_id=1.0)", lambda: S.seed("m", 1.0)),
+    ("seed(instance_id=False)", lambda: S.seed("m", False)),
+    ("generator(device='tpu9')", lambda: S.generator("g", device="tpu9")),
+    ("fork(devices=['x'])", lambda: S.fork("f", devices=["x"])),
+    ("numpy_rng(instance_id=[])", lambda: S.numpy_rng("n", [])),
+    ("build_model(factory=3)", lambda: S.build_model(3)),
+    ("build_optimizer(class=None)", lambda: S.build_optimizer(None, [])),
+    ("build_dataloader(dataset=3)", lambda: S.build_dataloader(3)),
+    ("build_dataloader([])", lambda: S.build_dataloader([])),
+    ("build_dataloader(batch_size=-1)", lambda: S.build_dataloader([1, 2], batch_size=-1)),
+    ("build_dataloader(batch_size=2.0)", lambda: S.build_dataloader([1, 2], batch_size=2.0)),
+    ("build_dataloader(subset=[5])", lambda: S.build_dataloader([1, 2], subset=[5])),
+    ("build_dataloader(subset=mask of wrong size)", lambda: S.build_dataloader([1, 2], subset=np.ones(3, bool))),
+    ("subset_mask(alpha=nan)", lambda: S.subset_mask(10, float("nan"), 0)),
+    ("subset_mask(n=0)", lambda: S.subset_mask(0, 0.5, 0)),
+    ("subset_mask(alpha=-0.1)", lambda: S.subset_mask(10, -0.1, 0)),
+    ("DeterministicSampler(-1)", lambda: DeterministicSampler(-1)),
+    ("DeterministicSampler(seed=2**64)", lambda: DeterministicSampler(3, seed=2**64)),
+    ("DeterministicSampler(shuffle='yes')", lambda: DeterministicSampler(3, shuffle="yes")),
+    ("DeterministicSampler.set_epoch(-1)", lambda: DeterministicSampler(3).set_epoch(-1)),
+    ("Manifest.from_dict([])", lambda: Manifest.from_dict([])),
+    ("Manifest.from_json('')", lambda: Manifest.from_json("")),
+    ("load_state_dict(None)", lambda: SeedSession(1).load_state_dict(None)),
+    ("fingerprint(3)", lambda: fingerprint(3)),
+    ("from_manifest(strict='yes')", lambda: SeedSession.from_manifest(SeedSession(1).manifest(), strict="yes")),
+]
+
+
+class TestBadInput:
+    @pytest.mark.parametrize("name,call", BAD_CALLS, ids=[n for n, _ in BAD_CALLS])
+    def test_clear_error(self, name, call):
+        """A TypeError/ValueError/SeedregError from seedreg itself, whose message names the argument."""
+        with pytest.raises((TypeError, ValueError, SeedregError)) as info:
+            call()
+        tb = info.traceback[-1]
+        assert "seedreg" in str(tb.path) or "derive" in str(tb.path), f"raised from {tb.path}"
+        assert len(str(info.value)) > 10
+
+
+# -- fuzzing ---------------------------------------------------------------------------------------
+
+COUNT = {"manifest_bytes": 0, "manifest_dicts": 0, "states": 0}
+
+
+def _valid_manifest() -> Manifest:
+    s = SeedSession(42)
+    s.setup()
+    s.build_model(TinyCNN, "training")
+    s.build_dataloader(ToyImages(8), "training", batch_size=2)
+    s.subset_mask(10, 0.5, 3)
+    s.seed("m", 0)
+    return s.manifest()
+
+
+VALID = _valid_manifest()
+VALID_TEXT = VALID.to_json()
+VALID_DICT = VALID.to_dict()
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@st.composite
+def damaged_text(draw):
+    how = draw(st.sampled_from(["truncate", "flip", "insert", "random", "deep", "huge", "resealed"]))
+    return how, draw(_damage(how))
+
+
+@st.composite
+def _damage(draw, how):
+    data = VALID_TEXT.encode()
+    if how == "truncate":
+        return data[: draw(st.integers(0, len(data) - 1))]
+    if how == "flip":
+        i = draw(st.integers(0, len(data) - 1))
+        return data[:i] + bytes([data[i] ^ draw(st.integers(1, 255))]) + data[i + 1 :]
+    if how == "insert":
+        i = draw(st.integers(0, len(data)))
+        return data[:i] + draw(st.binary(min_size=1, max_size=20)) + data[i:]
+    if how == "deep":  # with a valid checksum, so the parser and validator see it
+        depth = draw(st.integers(10, 200_000))
+        return _with_checksum("{\n" + '  "x": ' + "[" * depth + "]" * depth + "\n}\n").encode()
+    if how == "huge":
+        digits = "9" * draw(st.integers(10, 20_000))
+        return _with_checksum(VALID_TEXT.split("\n", 2)[2].join(["{\n", ""]).replace('"master_seed": 42', f'"master_seed": {digits}')).encode()
+    if how == "resealed":  # any byte-level damage, then a correct checksum: validation must catch it
+        i = draw(st.integers(2, len(data) - 1))
+        body = data[:i] + draw(st.binary(min_size=1, max_size=8)) + data[i + 1 :]
+        try:
+            return _with_checksum("{\n" + body.decode("utf-8").split("\n", 2)[2]).encode()
+        except (UnicodeDecodeError, IndexError):
+            return body
+    return draw(st.binary(max_size=200))
+
+
+def _paths(d, prefix=()):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield prefix + (k,)
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(d, list):
+        for i, v in enumerate(d):
+            yield prefix + (i,)
+            yield from _paths(v, prefix + (i,))
+
+
+MANIFEST_PATHS = [p for p in _paths(VALID_DICT) if p[0] != "checksum"]
+
+
+def mutate(data, path, how, value):
+    target = data
+    for key in path[:-1]:
+        target = target[key]
+    if how == "remove":
+        if isinstance(target, dict):
+            del target[path[-1]]
+        else:
+            target.pop(path[-1])
+    else:
+        target[path[-1]] = value
+    return data
+
+
+class TestFuzzManifest:
+    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(damaged_text())
+    def test_damaged_files_only_raise_manifest_error(self, case):
+        how, data = case
+        COUNT["manifest_bytes"] += 1
+        try:
+            m = Manifest.from_json(data)
+        except ManifestError:
+            return
+        if how != "resealed":  # a resealed edit may still be a valid manifest; damage never is
+            assert m == VALID
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(MANIFEST_PATHS), st.sampled_from(["remove", "retype"]), json_values, st.booleans())
+    def test_edited_dicts_only_raise_manifest_error(self, path, how, value, fix_checksum):
+        """Fields removed or retyped, with the checksum kept (must fail) or recomputed (must validate)."""
+        COUNT["manifest_dicts"] += 1
+        data = mutate(copy.deepcopy(VALID_DICT), path, how, value)
+        if fix_checksum:
+            data.pop("checksum", None)
+            text = _with_checksum(render(data))
+            try:
+                Manifest.from_json(text)
+            except ManifestError:
+                pass
+            return
+        try:
+            m = Manifest.from_dict(data)
+        except ManifestError:
+            return
+        assert m.to_dict() == VALID_DICT  # unchanged content (the value written was the same)
+
+
+def _state():
+    s = SeedSession(3)
+    s.seed("a", 1)
+    loader = s.build_dataloader(ToyImages(12), "d", batch_size=4, shuffle=True)
+    next(iter(loader))
+    return s.state_dict()
+
+
+VALID_STATE = _state()
+STATE_PATHS = list(_paths(VALID_STATE))
+
+
+class TestFuzzState:
+    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(STATE_PATHS), st.sampled_from(["remove", "retype"]), json_values)
+    def test_damaged_states_only_raise_state_errors(self, path, how, value):
+        COUNT["states"] += 1
+        state = mutate(copy.deepcopy(VALID_STATE), path, how, value)
+        s = SeedSession(3)
+        loader = s.build_dataloader(ToyImages(12), "d", batch_size=4, shuffle=True)
+        before = loader.state_dict()
+        try:
+            s.load_state_dict(state)
+        except SeedregError:
+            assert loader.state_dict() == before  # nothing changed
+
+
+def test_fuzz_counts():
+    """How many fuzzed cases ran (reported in the README's Reliability section)."""
+    assert COUNT["manifest_bytes"] >= 400 and COUNT["manifest_dicts"] >= 400 and COUNT["states"] >= 400
+
+
+# -- concurrency -------------------------------------------------------------------------------------
+
+
+def test_dump_while_other_threads_request_seeds(tmp_path):
+    s = SeedSession(9, scheme="sha256-v2")
+    stop = threading.Event()
+
+    def requester(t):
+        i = 0
+        while not stop.is_set():
+            s.seed("c", t * 1_000_000 + i)
+            i += 1
+
+    threads = [threading.Thread(target=requester, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    sizes = []
+    try:
+        for k in range(10):
+            m = Manifest.load(s.dump(tmp_path / "m.json"))
+            sizes.append(len(m.records))
+            assert all(r.seed == derive_seed(9, r.purpose, r.instance_id, scheme="sha256-v2") for r in m.records)
+    finally:
+        stop.set()
+        for th in threads:
+            th.join()
+    assert sizes == sorted(sizes) and sizes[-1] > 0
+
+
+# -- faults --------------------------------------------------------------------------------------------
+
+DUMPER = r"""
+import sys
+from seedreg import SeedSession
+s = SeedSession(5)
+path = sys.argv[1]
+i = 0
+while True:
+    for _ in range(200):
+        s.seed("x", i); i += 1
+    s.dump(path)
+    print(i, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_repeated_dumps_leaves_a_whole_manifest(tmp_path):
+    """Killed at 12 moments in the middle of repeated dumps: the file always loads, old or new."""
+    path = tmp_path / "m.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    kills = 0
+    for delay in (0.3, 0.45, 0.6, 0.75, 0.9, 1.05, 1.2, 1.35, 1.5, 1.65, 1.8, 2.0):
+        proc = subprocess.Popen([sys.executable, "-c", DUMPER, str(path)], env=env, stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # one dump completed
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        kills += 1
+        m = Manifest.load(path)
+        assert len(m.records) % 200 == 0 and m.records[-1].instance_id == len(m.records) - 1
+        leftovers = [p for p in os.listdir(tmp_path) if p != "m.json"]
+        for p in leftovers:  # a temporary file may remain after a kill; the manifest is whole
+            assert p.startswith(".m.json.") and p.endswith(".tmp")
+            os.unlink(tmp_path / p)
+    assert kills == 12
+
+
+def test_unwritable_target_gives_a_clear_error_and_keeps_the_old_file(tmp_path, monkeypatch):
+    from seedreg import ManifestWriteError
+
+    s = SeedSession(1)
+    p = s.dump(tmp_path / "m.json")
+    before = p.read_bytes()
+    real_replace = os.replace
+
+    def read_only(src, dst):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "replace", read_only)
+    s.seed("more")
+    with pytest.raises(ManifestWriteError, match="Read-only"):
+        s.dump(p)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert p.read_bytes() == before and os.listdir(tmp_path) == ["m.json"]
+    with pytest.raises(ManifestWriteError):
+        s.dump(p / "inside-a-file.json")
+
+
+class Crashing(torch.utils.data.Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        if i == 11:
+            raise KeyError(f"example {i} is broken")
+        return torch.tensor([i])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_worker_crash_surfaces_and_state_stays_sound(workers):
+    s = SeedSession(2)
+    loader = s.build_dataloader(Crashing(), "d", batch_size=2, shuffle=False, num_workers=workers)
+    got = []
+    with pytest.raises(KeyError, match="example 11 is broken"):
+        for batch in loader:
+            got.append(batch)
+    assert len(got) == 5  # batches 0..4 were consumed; batch 5 held the broken example
+    state = s.state_dict()
+    assert state["loaders"][0]["sampler"]["position"] == 10
+    json.dumps(state)
+    s2 = SeedSession(2)
+    s2.build_dataloader(Crashing(), "d", batch_size=2, num_workers=workers)
+    s2.load_state_dict(state)
+
+
+# -- determinism diagnostics -------------------------------------------------------------------------
+
+VIOLATION = r"""
+import sys, torch
+from torch._prims_common import alert_not_deterministic
+from seedreg import SeedSession
+s = SeedSession(1, warn_only=sys.argv[2] == "warn").setup()
+alert_not_deterministic("my_nondeterministic_op")
+s.dump(sys.argv[1])
+print("ran")
+"""
+
+
+@pytest.mark.slow
+class TestDiagnostics:
+    def test_violation_recorded_and_shown(self, tmp_path):
+        pytest.importorskip("torch._prims_common")
+        path = tmp_path / "m.json"
+        run_python(["-c", VIOLATION, path, "warn"])
+        m = Manifest.load(path)
+        assert m.violations == ({"kind": "nondeterministic_op", "message": "my_nondeterministic_op"},)
+        out = run_python(["-m", "seedreg", "show", path]).stdout
+        assert "violations (1)" in out and "my_nondeterministic_op" in out
+
+    def test_strict_mode_raises_at_the_op(self, tmp_path):
+        proc = run_python(["-c", VIOLATION, tmp_path / "m.json", "strict"], check=False)
+        assert proc.returncode != 0 and "my_nondeterministic_op" in proc.stderr and "ran" not in proc.stdout
+
+    def test_env_recorded_and_env_command_warns(self):
+        env = SeedSession(1).manifest().environment
+        for key in ("cublas_workspace_config", "cudnn_allow_tf32", "cuda_matmul_allow_tf32", "float32_matmul_precision", "autocast_cpu", "compiled_graphs"):
+            assert key in env
+        code = "import torch; torch.set_float32_matmul_precision('medium'); from seedreg.cli import main; main(['env'])"
+        out = run_python(["-c", code]).stdout
+        assert "[warn] float32 matmul precision is 'medium'" in out
