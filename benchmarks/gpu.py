@@ -51,7 +51,7 @@ def run_config(config: str, epochs: int, examples: int) -> dict:
     x = torch.randn(examples, 3, 32, 32, device="cuda", generator=g).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (examples,), device="cuda", generator=g)
     times = []
-    for epoch in range(epochs):
+    for _ in range(epochs):
         order = torch.randperm(examples, device="cuda", generator=g)
         torch.cuda.synchronize()
         start = time.perf_counter()

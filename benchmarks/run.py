@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, RandomSampler
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import resnet9  # noqa: E402
 
-from seedreg import DeterministicSampler, Manifest, SeedRecord, SeedSession, derive_seed, fingerprint  # noqa: E402
+from seedreg import DeterministicSampler, Manifest, SeedRecord, SeedSession, derive_seed  # noqa: E402
 from seedreg.demo import TinyCNN, ToyImages  # noqa: E402
 
 
@@ -210,7 +210,7 @@ def bench_per_example(t: Table, q: bool) -> None:
 
 def bench_epoch(t: Table, q: bool) -> None:
     size = 256 if q else 4_096
-    rounds = 2 if q else 5
+    rounds = 2 if q else 15
     ds = ToyImages(size)
     torch.set_num_threads(1)
 
@@ -226,11 +226,11 @@ def bench_epoch(t: Table, q: bool) -> None:
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
 
-    def seedreg_epoch() -> None:
+    def seedreg_epoch(per_example: bool = True) -> None:
         s = SeedSession(0)
         model = s.build_model(TinyCNN)
         opt = s.build_optimizer(torch.optim.SGD, model.parameters(), lr=0.05, momentum=0.9)
-        loader = s.build_dataloader(ds, batch_size=64, shuffle=True, num_workers=2)
+        loader = s.build_dataloader(ds, batch_size=64, shuffle=True, num_workers=2, seed_per_example=per_example)
         for x, y in loader:
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -238,6 +238,8 @@ def bench_epoch(t: Table, q: bool) -> None:
 
     o, b = compare(seedreg_epoch, plain_epoch, 1, rounds)
     t.add(f"one training epoch (TinyCNN, {size} examples, 2 workers)", o, b, "<= 1.02x", o / b <= 1.02)
+    o, b = compare(lambda: seedreg_epoch(False), plain_epoch, 1, rounds)
+    t.add("the same with seed_per_example=False", o, b, "<= 1.02x", o / b <= 1.02)
 
 
 def bench_state(t: Table, q: bool) -> None:

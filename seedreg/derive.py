@@ -134,7 +134,11 @@ def _v2(master_seed: int, purpose: str, instance_id: InstanceId) -> int:
             _V2_STATES.clear()
         state = _V2_STATES[(master_seed, purpose)] = _sha256(_v2_prefix(master_seed, purpose))
     h = state.copy()
-    h.update(_v2_tail(instance_id))
+    if type(instance_id) is str:  # the common case, inlined: the same bytes as _v2_tail
+        data = instance_id.encode("utf-8", "surrogatepass")
+        h.update(b"s" + _len8(len(data)) + data)
+    else:
+        h.update(_v2_tail(instance_id))
     return _from_bytes(h.digest()[:8], "big") >> 1
 
 

@@ -15,7 +15,7 @@ import os
 import pathlib
 import re
 import tempfile
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import attrs
 

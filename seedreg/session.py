@@ -8,6 +8,8 @@ replayable. Constructing a session changes no global state; ``setup()`` does, on
 from __future__ import annotations
 
 import pathlib
+
+import attrs
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
@@ -460,8 +462,6 @@ class SeedSession:
         if self.rank == 0:
             assert gathered is not None
             ranks = tuple(tuple(record_from_dict(r, f"rank {i} record") for r in recs) for i, recs in enumerate(gathered))
-            import attrs
-
             try:
                 attrs.evolve(manifest, ranks=ranks).write(path)
             except SeedregError as exc:

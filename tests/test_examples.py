@@ -1,6 +1,5 @@
 """The examples run, and show what they claim."""
 
-import json
 import re
 
 import pytest

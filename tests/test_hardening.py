@@ -21,14 +21,13 @@ from seedreg import (
     ManifestError,
     SeedregError,
     SeedSession,
-    StateError,
     derive_seed,
     fingerprint,
 )
 from seedreg.demo import TinyCNN, ToyImages
 from seedreg.manifest import _with_checksum, render
 
-from .conftest import ROOT, SCRIPTS, run_python
+from .conftest import ROOT, run_python
 
 S = SeedSession(1)
 BAD_CALLS = [
@@ -254,7 +253,7 @@ def test_dump_while_other_threads_request_seeds(tmp_path):
         th.start()
     sizes = []
     try:
-        for k in range(10):
+        for _ in range(10):
             m = Manifest.load(s.dump(tmp_path / "m.json"))
             sizes.append(len(m.records))
             assert all(r.seed == derive_seed(9, r.purpose, r.instance_id, scheme="sha256-v2") for r in m.records)

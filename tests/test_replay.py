@@ -1,6 +1,5 @@
 """Replay from a manifest: strictness, fingerprints, the report, bitwise equality across processes."""
 
-import json
 
 import pytest
 
