@@ -96,6 +96,7 @@ def main() -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(info))
     if rank == 0:
         print(f"world size {session.world_size}: final weights {info['final']}")
+    dist.barrier()  # leave together: a rank tearing gloo down while the other still talks aborts it
     dist.destroy_process_group()
 
 
