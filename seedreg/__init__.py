@@ -11,7 +11,6 @@ from .data import SeededDataLoader
 from .derive import SCHEMES, derive_seed
 from .determinism import DeterminismSettings
 from .errors import (
-    DeterminismViolation,
     ManifestError,
     ManifestWriteError,
     ReplayMismatchError,
@@ -27,7 +26,6 @@ from .session import SeedSession
 
 __all__ = [
     "DeterminismSettings",
-    "DeterminismViolation",
     "DeterministicSampler",
     "Manifest",
     "ManifestError",

@@ -13,7 +13,6 @@ __all__ = [
     "SeedCollisionError",
     "SeedregError",
     "StateError",
-    "DeterminismViolation",
 ]
 
 
@@ -40,6 +39,3 @@ class ReplayMismatchError(SeedregError, ValueError):
 class StateError(SeedregError, ValueError):
     """A ``state_dict`` is malformed or belongs to a different run (seed, scheme, world size)."""
 
-
-class DeterminismViolation(SeedregError, RuntimeError):
-    """An operation without a deterministic implementation ran in strict mode."""

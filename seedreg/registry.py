@@ -96,9 +96,6 @@ class Registry:
     def __len__(self) -> int:
         return len(self._memo)
 
-    def __contains__(self, key: object) -> bool:
-        return key in self._memo
-
     def get(self, purpose: str, instance_id: InstanceId, kind: str) -> int:
         """The seed of (purpose, instance_id): memoized on the first call, recorded as `kind`."""
         entry = self._memo.get((purpose, instance_id))
@@ -210,10 +207,6 @@ class Registry:
             entry.details = dict(r.details) or None
             memo[r.key] = entry
         return memo
-
-    def load_records(self, records: List[SeedRecord]) -> None:
-        """Replace the registry's content by `records` (resume), re-deriving each seed to check it."""
-        self.install(self.memo_from_records(records))
 
     def install(self, memo: "_Memo") -> None:
         with self._lock:
