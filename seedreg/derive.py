@@ -122,6 +122,8 @@ def _v2_input(master_seed: int, purpose: str, instance_id: InstanceId) -> bytes:
     return _v2_prefix(master_seed, purpose) + _v2_tail(instance_id)
 
 
+# b"s" + 8-byte length for short strs (up to 63 characters encode to at most 252 bytes)
+_STR_HEADS = tuple(b"s" + _len8(n) for n in range(256))
 # SHA-256 states after hashing each (master seed, purpose) prefix: a seed then costs one copy and
 # the instance id's bytes. Bounded, since purposes are few in practice.
 _V2_STATES: Dict[Tuple[int, str], Any] = {}
@@ -134,9 +136,13 @@ def _v2(master_seed: int, purpose: str, instance_id: InstanceId) -> int:
             _V2_STATES.clear()
         state = _V2_STATES[(master_seed, purpose)] = _sha256(_v2_prefix(master_seed, purpose))
     h = state.copy()
-    if type(instance_id) is str:  # the common case, inlined: the same bytes as _v2_tail
-        data = instance_id.encode("utf-8", "surrogatepass")
-        h.update(b"s" + _len8(len(data)) + data)
+    if type(instance_id) is str and len(instance_id) < 64:  # the common case, inlined: _v2_tail's bytes
+        try:
+            data = instance_id.encode()
+        except UnicodeEncodeError:  # lone surrogates: the general path
+            h.update(_v2_tail(instance_id))
+        else:
+            h.update(_STR_HEADS[len(data)] + data)
     else:
         h.update(_v2_tail(instance_id))
     return _from_bytes(h.digest()[:8], "big") >> 1

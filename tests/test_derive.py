@@ -130,3 +130,18 @@ class TestPurity:
 
     def test_schemes_listed(self):
         assert set(SCHEMES) == {"sha256-v1", "sha256-v2"}
+
+
+class TestV2FastPath:
+    @settings(max_examples=300)
+    @given(master_seeds, purposes, instance_ids)
+    def test_equals_the_documented_encoding(self, master, purpose, instance_id):
+        """The optimised v2 path hashes exactly derivation_input's bytes (surrogates and long ids too)."""
+        import hashlib
+
+        data = derivation_input(master, purpose, instance_id, scheme="sha256-v2")
+        expected = int.from_bytes(hashlib.sha256(data).digest()[:8], "big") >> 1
+        assert derive_seed(master, purpose, instance_id, scheme="sha256-v2") == expected
+
+    def test_lone_surrogate(self):
+        assert derive_seed(1, "p", "\ud800", scheme="sha256-v2") != derive_seed(1, "p", "\ud801", scheme="sha256-v2")
