@@ -89,7 +89,9 @@ def _record_line(r: Any) -> str:
     return f'{{"details": {text_details}, "instance_id": {text_id}, "kind": {_encode_str(kind)}, "purpose": {_encode_str(purpose)}, "seed": {seed}, "uses": {uses}}}'
 
 
-def _records_text(records: List[Any], indent: str) -> str:
+def _records_text(records: Any, indent: str) -> str:
+    if not isinstance(records, list):  # a damaged body: rendered as it is, so its checksum is still defined
+        return _LINE.encode(records)
     if not records:
         return "[]"
     pad = indent + "  "
@@ -104,7 +106,7 @@ def render(body: Mapping[str, Any]) -> str:
         value = body[key]
         if key == "records":
             text = _records_text(value, "  ")
-        elif key == "ranks":
+        elif key == "ranks" and isinstance(value, list):
             text = "[]" if not value else "[\n" + ",\n".join("    " + _records_text(r, "    ") for r in value) + "\n  ]"
         else:
             text = _PRETTY.encode(value).replace("\n", "\n  ")

@@ -10,6 +10,12 @@ from typing import Dict, Optional, Sequence
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI replays the same examples every run (a stable verdict); local runs explore new ones.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = pathlib.Path(__file__).resolve().parent / "scripts"
