@@ -177,18 +177,17 @@ def environment(world_size: int = 1) -> Dict[str, Any]:
         "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "fill_uninitialized_memory": getattr(utils_det, "fill_uninitialized_memory", None),
-        "autocast_cpu": torch.is_autocast_enabled("cpu") if _autocast_takes_device() else None,
+        "autocast_cpu": _autocast_cpu(),
         "compiled_graphs": _compiled_graphs(),
         "world_size": world_size,
     }
 
 
-def _autocast_takes_device() -> bool:
+def _autocast_cpu() -> Optional[bool]:
     try:
-        torch.is_autocast_enabled("cpu")
-        return True
-    except TypeError:  # pragma: no cover - torch < 2.4
-        return False
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # pragma: no cover - torch < 2.4 takes no device
+        return None
 
 
 def _compiled_graphs() -> Optional[int]:

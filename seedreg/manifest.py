@@ -114,18 +114,22 @@ def render(body: Mapping[str, Any]) -> str:
     return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
+def _digest(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def checksum_of(body: Mapping[str, Any]) -> str:
     """The checksum a manifest carries: SHA-256 of its rendered text without the checksum line."""
     try:
         text = render(body)
     except (TypeError, ValueError) as exc:
         raise ManifestError(f"manifest holds something that is not JSON data: {exc}.") from None
-    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return _digest(text)
 
 
 def _with_checksum(text: str) -> str:
-    digest = "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return "{\n" + f'  "checksum": "{digest}",\n' + text[2:]
+    """Rendered `text` with its checksum line inserted as line 2."""
+    return "{\n" + f'  "checksum": "{_digest(text)}",\n' + text[2:]
 
 
 def _require(mapping: Mapping[str, Any], key: str, types: Any, where: str) -> Any:
@@ -279,8 +283,13 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: Any) -> "Manifest":
         """Validate `data` (as :meth:`to_dict` makes it) and build the manifest; checksum checked if present."""
+        return cls._validated(data, verify=True)
+
+    @classmethod
+    def _validated(cls, data: Any, *, verify: bool) -> "Manifest":
+        """:meth:`_from_dict`, with any slip past its checks still reported as a ManifestError."""
         try:
-            return cls._from_dict(data, verify=True)
+            return cls._from_dict(data, verify=verify)
         except ManifestError:
             raise
         except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
@@ -369,8 +378,7 @@ class Manifest:
         match = _CHECKSUM_LINE.match(lines[1]) if len(lines) == 3 and lines[0] == "{" else None
         if match is None:
             raise ManifestError("manifest has no checksum on its second line: it was not written by seedreg, or was reformatted.")
-        digest = "sha256:" + hashlib.sha256(("{\n" + lines[2]).encode("utf-8")).hexdigest()
-        if digest != match.group(1):
+        if _digest("{\n" + lines[2]) != match.group(1):
             raise ManifestError("manifest checksum does not match its content: the file was edited, truncated or damaged.")
         try:
             data = json.loads(text, parse_constant=_no_constants)
@@ -378,12 +386,7 @@ class Manifest:
             raise ManifestError("manifest is nested too deeply.") from None
         except ValueError as exc:  # JSONDecodeError, and ints past Python's digit limit
             raise ManifestError(f"manifest is not valid JSON (truncated or damaged?): {exc}.") from None
-        try:
-            return cls._from_dict(data, verify=False)
-        except ManifestError:
-            raise
-        except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
-            raise ManifestError(f"manifest is malformed: {type(exc).__name__}: {exc}") from None
+        return cls._validated(data, verify=False)
 
     # -- files -----------------------------------------------------------------------------------
 

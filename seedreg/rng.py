@@ -101,7 +101,7 @@ class Fork:
         self._cpu = _default_generator.get_state()
         devices = self.devices
         if devices is None:
-            devices = cuda_devices_in_use() if torch.cuda.is_available() else ()
+            devices = cuda_devices_in_use()
         if devices:
             self._cuda = [(d, torch.cuda.get_rng_state(d)) for d in devices]
             for d in devices:
