@@ -143,7 +143,7 @@ def bench_fork(t: Table, q: bool) -> None:
 
 
 def bench_build_model(t: Table, q: bool) -> None:
-    n, r = (1, 3) if q else (3, 9)
+    n, r = (1, 3) if q else (3, 21)
     factory = TinyCNN if q else resnet9
     s = SeedSession(1)
 
