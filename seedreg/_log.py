@@ -9,6 +9,10 @@ import logging
 
 import structlog
 
+# A library's logger gets a NullHandler (the logging HOWTO's advice for libraries), so that
+# seedreg's warnings stay quiet unless the application configures logging.
+logging.getLogger("seedreg").addHandler(logging.NullHandler())
+
 logger = structlog.wrap_logger(
     logging.getLogger("seedreg"),
     wrapper_class=structlog.stdlib.BoundLogger,

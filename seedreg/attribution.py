@@ -10,13 +10,14 @@ step from the nearest checkpoint.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from typing import Any, Callable, Dict, Iterator, Optional
 
 import numpy as np
 import torch
 
-__all__ = ["make_subset_mask", "StepCheckpoints", "MASK_MODES"]
+__all__ = ["make_subset_mask", "mask_digest", "StepCheckpoints", "MASK_MODES"]
 
 MASK_MODES = ("fixed", "bernoulli")
 
@@ -53,6 +54,18 @@ def make_subset_mask(seed: int, num_examples: int, alpha: float, mode: str = "fi
         mask[rng.permutation(n)[:k]] = True
         return mask
     return rng.random(n) < float(alpha)
+
+
+def mask_digest(mask: np.ndarray) -> str:
+    """A SHA-256 of a bool mask (its length and bits): how a manifest names a subset.
+
+    >>> mask_digest(np.array([True, False, True]))[:7]
+    'sha256:'
+    """
+    mask = np.asarray(mask, dtype=bool)
+    h = hashlib.sha256(b"seedreg/mask\x00%d\x00" % mask.size)
+    h.update(np.packbits(mask, bitorder="little").tobytes())
+    return "sha256:" + h.hexdigest()
 
 
 class StepCheckpoints:
@@ -121,7 +134,9 @@ class StepCheckpoints:
         state = self.saved[start]
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
-        self.session.load_state_dict(state["session"])
+        # a rewind in this process: random state and loader positions only; the registry keeps
+        # every use made since (an eval loader built after training stays, and stays recorded)
+        self.session._load_state(state["session"], registry=False)
         return start
 
     def replay(self, step: int, step_fn: Callable[[Any], Any]) -> int:

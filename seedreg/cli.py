@@ -51,6 +51,22 @@ def _rows_table(rows: List[List[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def _describe(kind: str, d: Any) -> str:
+    """One line for what a use seeded."""
+    if kind == "dataloader":
+        subset = f", subset {d.get('subset_size')} ({d.get('subset_mode')})" if d.get("subset_size") is not None else ""
+        return f"{d.get('dataset_size')} examples, batch {d.get('batch_size')}, shuffle={d.get('shuffle')}, workers={d.get('num_workers')}{subset}"
+    if kind == "subset_mask":
+        return f"n={d.get('num_examples')} alpha={d.get('alpha')} mode={d.get('mode')} kept={d.get('kept')}"
+    if kind == "optimizer":
+        groups = d.get("param_groups") or [d.get("defaults") or {}]
+        hyper = ", ".join(f"{k}={v}" for k, v in sorted(groups[0].items()) if k in ("lr", "momentum", "weight_decay", "betas", "eps"))
+        return f"{str(d.get('class', '')).rsplit('.', 1)[-1]} {hyper}".strip()
+    if d.get("fingerprint"):
+        return f"{str(d.get('class', '')).rsplit('.', 1)[-1]} {str(d.get('parameters', ''))} params {str(d['fingerprint'])[:23]}..."
+    return ", ".join(f"{k}={v}" for k, v in sorted(d.items()))
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     from .manifest import Manifest
 
@@ -62,17 +78,14 @@ def _cmd_show(args: argparse.Namespace) -> int:
     print(f"master seed {m.master_seed}, scheme {m.scheme}, world size {m.world_size}, seedreg {m.seedreg_version}")
     rows = [["purpose", "instance", "seed", "kind", "uses", "what"]]
     for r in m.records:
-        what = r.details.get("fingerprint") or ""
-        if r.kind == "dataloader":
-            d = r.details
-            what = f"{d.get('dataset_size')} examples, batch {d.get('batch_size')}, shuffle={d.get('shuffle')}, workers={d.get('num_workers')}"
-        elif r.kind == "subset_mask":
-            what = f"n={r.details.get('num_examples')} alpha={r.details.get('alpha')} mode={r.details.get('mode')}"
-        elif what:
-            what = f"{r.details.get('class', '').rsplit('.', 1)[-1]} {what[:23]}..."
-        rows.append([r.purpose, repr(r.instance_id), str(r.seed), r.kind, str(r.uses), what])
+        rows.append([r.purpose, repr(r.instance_id), str(r.seed), r.kind, str(r.uses), ""])
+        for u in r.log:
+            rows.append(["", "", "", f"  {u.kind}", f"#{u.use}", _describe(u.kind, u.details)])
     print(f"\nrecords ({len(m.records)})")
     print(_rows_table(rows))
+    if m.results:
+        print(f"\nresults ({len(m.results)})")
+        print(_rows_table([["name", "kind", "value"]] + [[r["name"], r["kind"], str(r["value"])] for r in m.results]))
     print("\nsettings: " + ", ".join(f"{k}={v}" for k, v in sorted(m.settings.items())))
     print("applied: " + (", ".join(f"{k}={v}" for k, v in sorted(m.applied.items())) or "(setup() was not called)"))
     print("\nenvironment")
@@ -83,7 +96,12 @@ def _cmd_show(args: argparse.Namespace) -> int:
         print(f"  {v['kind']}: {v['message']}")
     if m.replay is not None:
         r = m.replay
-        print(f"\nreplay: verdict {r.get('verdict')}; missing {len(r.get('missing', []))}, new {len(r.get('new', []))}, mismatches {len(r.get('mismatches', []))}")
+        res = r.get("results") or {}
+        print(
+            f"\nreplay: verdict {r.get('verdict')}; missing {len(r.get('missing', []))}, new {len(r.get('new', []))}, "
+            f"mismatches {len(r.get('mismatches', []))}, results matched {len(res.get('matched', []))}, "
+            f"mismatched {len(res.get('mismatched', []))}, missing {len(res.get('missing', []))}"
+        )
         for reason in r.get("reasons", []):
             print(f"  {reason}")
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import random
 import struct
+import weakref
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -125,16 +126,28 @@ class _WorkerInit:
 
 
 class _KeyedBatches:
-    """The loader's index sampler: the sampler's indices, batched, each batch tagged with its epoch."""
+    """The loader's index sampler: the sampler's indices, batched, each batch tagged with its epoch.
+
+    It holds its loader weakly: a persistent-workers iterator keeps it, and the loader keeps that
+    iterator, so a strong reference would leave the loader (and its workers) to the cyclic collector.
+    """
 
     def __init__(self, loader: "SeededDataLoader") -> None:
-        self.loader = loader
+        self._loader = weakref.ref(loader)
+
+    @property
+    def loader(self) -> "SeededDataLoader":
+        loader = self._loader()
+        if loader is None:
+            raise RuntimeError("the SeededDataLoader this iterator belongs to was garbage-collected.")
+        return loader
 
     def __len__(self) -> int:
-        n, bs = len(self.loader.sampler), self.loader.batch_size
+        loader = self.loader
+        n, bs = len(loader.sampler), loader.batch_size
         if bs is None:
             return n
-        return n // bs if self.loader.drop_last else -(-n // bs)
+        return n // bs if loader.drop_last else -(-n // bs)
 
     def __iter__(self) -> Iterator[Any]:
         # DataLoader's iterators may call iter() on this more than once per epoch (the
@@ -209,8 +222,8 @@ class SeededDataLoader(DataLoader):
         worker_init_fn: Optional[Callable[[int], None]] = None,
         **kwargs: Any,
     ) -> None:
-        self._keyed = _KeyedBatches(self)
         self._instance_id = instance_id
+        self._use = 1  # which use of ("dataloader", instance_id) built it: the session sets it
         self._before_batch: Optional[Callable[[], None]] = None
         self._plan: Optional[Tuple[int, List[int]]] = None
         wrapped = ExampleSeededDataset(dataset, seed, per_example=seed_per_example, weights=weights)
@@ -226,7 +239,8 @@ class SeededDataLoader(DataLoader):
 
     @property
     def _index_sampler(self) -> _KeyedBatches:  # type: ignore[override]
-        return self._keyed
+        # a new object each time: a loader that held its own would be freed only by the cyclic collector
+        return _KeyedBatches(self)
 
     @property
     def seed(self) -> int:
@@ -260,8 +274,15 @@ class SeededDataLoader(DataLoader):
         return self.sampler.epoch
 
     def state_dict(self) -> Dict[str, Any]:
-        """JSON-native: the sampler's state (seed, epoch, position) and the batch size."""
-        return {"instance_id": self._instance_id, "batch_size": self.batch_size, "drop_last": self.drop_last, "sampler": self.sampler.state_dict()}
+        """JSON-native: which loader of the session it is (instance id and use), the sampler's
+        state (seed, epoch, position) and the batch size."""
+        return {
+            "instance_id": self._instance_id,
+            "use": self._use,
+            "batch_size": self.batch_size,
+            "drop_last": self.drop_last,
+            "sampler": self.sampler.state_dict(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume at the first batch not consumed when `state` was taken."""

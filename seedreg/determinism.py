@@ -5,6 +5,7 @@ Nothing here runs at import time: :func:`apply_settings` is called by ``SeedSess
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import re
@@ -163,6 +164,10 @@ def environment(world_size: int = 1) -> Dict[str, Any]:
         "python": platform.python_version(),
         "implementation": sys.implementation.name,
         "platform": f"{platform.system()}-{platform.machine()}",
+        "cpu": cpu_model(),
+        "cpu_capability": _cpu_capability(),
+        "num_threads": torch.get_num_threads(),
+        "num_interop_threads": torch.get_num_interop_threads(),
         "torch": torch.__version__,
         "numpy": np.__version__,
         "cuda": torch.version.cuda,
@@ -181,6 +186,26 @@ def environment(world_size: int = 1) -> Dict[str, Any]:
         "compiled_graphs": _compiled_graphs(),
         "world_size": world_size,
     }
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what the platform module knows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith(("model name", "Model", "Hardware")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_capability() -> Optional[str]:
+    """The CPU kernel family torch dispatches to ("AVX512", "AVX2", "DEFAULT", ...): float results
+    of CPU ops differ between families, so a bitwise replay needs the same one."""
+    get = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    return get() if get is not None else None
 
 
 def _autocast_cpu() -> Optional[bool]:
@@ -208,6 +233,8 @@ def _compiled_graphs() -> Optional[int]:
 #: Environment keys whose difference rules out bitwise equality of a replay.
 BITWISE_KEYS = (
     "platform",
+    "cpu_capability",
+    "num_threads",  # measured: a TinyCNN epoch on 1 and 2 CPU threads ends with different weights
     "torch",
     "numpy",
     "cuda",

@@ -1,13 +1,17 @@
-"""SHA-256 fingerprints of tensors: how a manifest tells whether two models started (or ended) alike."""
+"""SHA-256 fingerprints of tensors and arrays: how a manifest tells whether two models started (or
+ended) alike, and how a run's results are recorded and compared."""
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable, Mapping, Tuple, Union
+import math
+import numbers
+from typing import Any, Dict, Iterable, Mapping, Tuple, Union
 
+import numpy as np
 import torch
 
-__all__ = ["fingerprint"]
+__all__ = ["fingerprint", "result_entry"]
 
 
 def _items(obj: Union[torch.nn.Module, Mapping[str, Any]]) -> Iterable[Tuple[str, Any]]:
@@ -16,6 +20,24 @@ def _items(obj: Union[torch.nn.Module, Mapping[str, Any]]) -> Iterable[Tuple[str
     if isinstance(obj, Mapping):
         return obj.items()
     raise TypeError(f"`obj` must be a torch.nn.Module or a state dict (a mapping of tensors), got {type(obj).__name__}.")
+
+
+def _update_tensor(h: Any, value: torch.Tensor) -> None:
+    t = value.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _update_array(h: Any, value: np.ndarray) -> None:
+    if value.dtype.hasobject:
+        raise TypeError("`value` is a numpy array of Python objects; record a numeric array, or a number or string per result.")
+    h.update(f"{value.dtype.str}{value.shape}".encode())
+    h.update(np.ascontiguousarray(value).tobytes())
 
 
 def fingerprint(obj: Union[torch.nn.Module, Mapping[str, Any]]) -> str:
@@ -29,18 +51,48 @@ def fingerprint(obj: Union[torch.nn.Module, Mapping[str, Any]]) -> str:
     """
     h = hashlib.sha256()
     for name, value in _items(obj):
-        h.update(name.encode())
+        h.update(str(name).encode())
         h.update(b"\0")
         if isinstance(value, torch.Tensor):
-            t = value.detach()
-            if t.device.type != "cpu":
-                t = t.cpu()
-            if t.layout != torch.strided:
-                t = t.to_dense()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            if t.numel():
-                h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+            _update_tensor(h, value)
+        elif isinstance(value, np.ndarray):
+            _update_array(h, value)
         else:
             h.update(repr(value).encode())
         h.update(b"\0")
     return "sha256:" + h.hexdigest()
+
+
+def result_entry(name: str, value: Any) -> Dict[str, Any]:
+    """How ``SeedSession.record_result`` records `value`: a fingerprint of a module, state dict,
+    tensor or array (dtype, shape and bytes), or a number or string itself.
+
+    >>> result_entry("loss", 0.25)
+    {'name': 'loss', 'kind': 'value', 'value': 0.25}
+    >>> result_entry("w", torch.zeros(2))["value"][:7]
+    'sha256:'
+    """
+    if isinstance(value, torch.nn.Module):
+        return {"name": name, "kind": "module", "value": fingerprint(value)}
+    if isinstance(value, Mapping):
+        return {"name": name, "kind": "state_dict", "value": fingerprint(value)}
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        h = hashlib.sha256()
+        kind = "tensor" if isinstance(value, torch.Tensor) else "array"
+        (_update_tensor if kind == "tensor" else _update_array)(h, value)
+        return {"name": name, "kind": kind, "value": "sha256:" + h.hexdigest()}
+    if isinstance(value, (np.generic,)) and not isinstance(value, np.object_):
+        value = value.item()
+    if value is None or isinstance(value, (bool, str)):
+        return {"name": name, "kind": "value", "value": value}
+    if isinstance(value, numbers.Integral):
+        return {"name": name, "kind": "value", "value": int(value)}
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"result {name!r} is {value!r}; JSON holds finite numbers only: record a string such as 'nan' instead.")
+        return {"name": name, "kind": "value", "value": value}
+    raise TypeError(
+        f"`value` of result {name!r} must be a module, state dict, tensor, numpy array, number or string, "
+        f"got {type(value).__name__}."
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import pathlib
 import re
@@ -22,80 +21,35 @@ import attrs
 from ._version import __version__
 from .derive import SCHEMES, MASTER_SEED_MAX
 from .errors import ManifestError, ManifestWriteError
-from .registry import KINDS, SeedRecord, record_to_dict
+from .records import SeedRecord, check_json, differences, record_line, record_to_dict, records_from_list
 
 __all__ = ["Manifest", "SCHEMA_VERSION", "FORMAT"]
 
 FORMAT = "seedreg-manifest"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Schema versions this seedreg reads (1: seedreg 0.1.0, one ``details`` per record, no results).
+READABLE_VERSIONS = (1, 2)
 MAX_BYTES = 1 << 30
 _MAX_DEPTH = 32
-_TOP = {
+_TOP_V1 = {
     "format", "schema_version", "seedreg_version", "checksum", "master_seed", "scheme", "world_size",
     "settings", "applied", "environment", "violations", "records", "ranks", "replay",
 }
-_RECORD = {"purpose", "instance_id", "seed", "kind", "uses", "details"}
-_RECORD_KEYS = frozenset(_RECORD)
+_TOP = _TOP_V1 | {"results"}
+_RESULT_KINDS = ("module", "state_dict", "tensor", "array", "value")
 PathLike = Union[str, "os.PathLike[str]"]
 
-
-def _check_json(value: Any, where: str, depth: int = 0) -> None:
-    """Refuse anything that is not JSON-native data (str keys, finite floats, bounded depth)."""
-    if depth > _MAX_DEPTH:
-        raise ManifestError(f"{where} is nested deeper than {_MAX_DEPTH} levels.")
-    if value is None or isinstance(value, (bool, int, str)):
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ManifestError(f"{where} holds a non-finite number {value!r}.")
-        return
-    if isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            _check_json(item, f"{where}[{i}]", depth + 1)
-        return
-    if isinstance(value, Mapping):
-        for k, item in value.items():
-            if not isinstance(k, str):
-                raise ManifestError(f"{where} has a non-str key {k!r}.")
-            _check_json(item, f"{where}[{k!r}]", depth + 1)
-        return
-    raise ManifestError(f"{where} holds a {type(value).__name__}, which is not JSON data.")
-
-
-_LINE = json.JSONEncoder(sort_keys=True, ensure_ascii=False, allow_nan=False, separators=(", ", ": "))
 _PRETTY = json.JSONEncoder(sort_keys=True, ensure_ascii=False, allow_nan=False, indent=2)
 _CHECKSUM_LINE = re.compile(r'^  "checksum": "(sha256:[0-9a-f]{64})",$')
 
 
-_encode_str = json.encoder.encode_basestring  # the C encoder json.dumps uses with ensure_ascii=False
-
-
-def _record_line(r: Any) -> str:
-    """One record as `_LINE.encode(record_to_dict(r))` would write it, without building the dict.
-
-    Records come as SeedRecords (when writing) or as dicts (when checking a loaded body); a dict
-    of any other shape is encoded as it is.
-    """
-    if isinstance(r, SeedRecord):
-        purpose, iid, seed, kind, uses, details = r.purpose, r.instance_id, r.seed, r.kind, r.uses, r.details
-    elif type(r) is dict and len(r) == 6 and _RECORD_KEYS.issuperset(r):
-        purpose, iid, seed, kind, uses, details = r["purpose"], r["instance_id"], r["seed"], r["kind"], r["uses"], r["details"]
-    else:
-        return _LINE.encode(r)
-    if not (type(purpose) is str and type(kind) is str and type(seed) is int and type(uses) is int and (iid is None or type(iid) in (int, str))):
-        return _LINE.encode({"details": details, "instance_id": iid, "kind": kind, "purpose": purpose, "seed": seed, "uses": uses})
-    text_id = "null" if iid is None else (str(iid) if type(iid) is int else _encode_str(iid))
-    text_details = _LINE.encode(details) if details else "{}"
-    return f'{{"details": {text_details}, "instance_id": {text_id}, "kind": {_encode_str(kind)}, "purpose": {_encode_str(purpose)}, "seed": {seed}, "uses": {uses}}}'
-
-
 def _records_text(records: Any, indent: str) -> str:
     if not isinstance(records, list):  # a damaged body: rendered as it is, so its checksum is still defined
-        return _LINE.encode(records)
+        return _PRETTY.encode(records).replace("\n", "\n" + indent)
     if not records:
         return "[]"
     pad = indent + "  "
-    return "[\n" + ",\n".join([pad + _record_line(r) for r in records]) + "\n" + indent + "]"
+    return "[\n" + ",\n".join([pad + record_line(r) for r in records]) + "\n" + indent + "]"
 
 
 def render(body: Mapping[str, Any]) -> str:
@@ -136,77 +90,34 @@ def _require(mapping: Mapping[str, Any], key: str, types: Any, where: str) -> An
     if key not in mapping:
         raise ManifestError(f"{where} is missing {key!r}.")
     value = mapping[key]
-    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)))
-    if not ok:
+    allowed = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in allowed):
         raise ManifestError(f"{where}[{key!r}] must be {getattr(types, '__name__', types)}, got {type(value).__name__} {value!r:.80}.")
     return value
 
 
-def record_from_dict(data: Any, where: str) -> SeedRecord:
-    if not isinstance(data, Mapping):
-        raise ManifestError(f"{where} must be an object, got {type(data).__name__}.")
-    keys = set(data)
-    if keys != _RECORD:
-        raise ManifestError(f"{where} must have exactly the keys {sorted(_RECORD)}, got {sorted(map(str, keys))}.")
-    purpose = _require(data, "purpose", str, where)
-    if not purpose:
-        raise ManifestError(f"{where}['purpose'] is empty.")
-    instance_id = data["instance_id"]
-    if not (instance_id is None or type(instance_id) in (str, int)):
-        raise ManifestError(f"{where}['instance_id'] must be null, a string or an int, got {instance_id!r:.80}.")
-    seed = _require(data, "seed", int, where)
-    if not 0 <= seed < 2**64:
-        raise ManifestError(f"{where}['seed'] must be in [0, 2**64), got {seed}.")
-    kind = _require(data, "kind", str, where)
-    if kind not in KINDS:
-        raise ManifestError(f"{where}['kind'] must be one of {list(KINDS)}, got {kind!r:.80}.")
-    uses = _require(data, "uses", int, where)
-    if uses < 1:
-        raise ManifestError(f"{where}['uses'] must be >= 1, got {uses}.")
-    details = _require(data, "details", Mapping, where)
-    _check_json(details, f"{where}['details']")
-    return SeedRecord(purpose=purpose, instance_id=instance_id, seed=seed, kind=kind, uses=uses, details=details)
-
-
-_KIND_SET = frozenset(KINDS)
-
-
-def _records(data: Any, where: str) -> Tuple[SeedRecord, ...]:
+def _results(data: Any, where: str) -> Tuple[Dict[str, Any], ...]:
     if not isinstance(data, list):
         raise ManifestError(f"{where} must be a list, got {type(data).__name__}.")
-    out = []
-    seen = set()
-    kinds = _KIND_SET
-    for i, d in enumerate(data):
-        # A fast check of the common shape; anything unusual goes through record_from_dict,
-        # which names exactly what is wrong.
-        try:
-            if type(d) is not dict or len(d) != 6:
-                raise KeyError
-            purpose, iid, seed, kind, uses, details = d["purpose"], d["instance_id"], d["seed"], d["kind"], d["uses"], d["details"]
-        except KeyError:
-            purpose = None
-        if (
-            type(purpose) is not str
-            or not purpose
-            or not (iid is None or type(iid) is str or type(iid) is int)
-            or type(seed) is not int
-            or not 0 <= seed < 18446744073709551616
-            or kind not in kinds
-            or type(uses) is not int
-            or uses < 1
-            or type(details) is not dict
-        ):
-            record = record_from_dict(d, f"{where}[{i}]")
-        else:
-            if details:
-                _check_json(details, f"{where}[{i}]['details']")
-            record = SeedRecord(purpose=purpose, instance_id=iid, seed=seed, kind=kind, uses=uses, details=details)
-        key = (record.purpose, type(record.instance_id), record.instance_id)
-        if key in seen:
-            raise ManifestError(f"{where} lists ({record.purpose!r}, {record.instance_id!r}) twice.")
-        seen.add(key)
-        out.append(record)
+    out, seen = [], set()
+    for i, r in enumerate(data):
+        w = f"{where}[{i}]"
+        if not isinstance(r, Mapping) or set(r) != {"name", "kind", "value"}:
+            raise ManifestError(f"{w} must be an object with exactly the keys ['kind', 'name', 'value'].")
+        name = _require(r, "name", str, w)
+        if name in seen:
+            raise ManifestError(f"{where} lists result {name!r} twice.")
+        seen.add(name)
+        kind = _require(r, "kind", str, w)
+        if kind not in _RESULT_KINDS:
+            raise ManifestError(f"{w}['kind'] must be one of {list(_RESULT_KINDS)}, got {kind!r:.80}.")
+        value = r["value"]
+        if kind != "value" and not isinstance(value, str):
+            raise ManifestError(f"{w}['value'] must be a fingerprint string for a {kind}, got {value!r:.80}.")
+        if not (value is None or isinstance(value, (bool, int, float, str))):
+            raise ManifestError(f"{w}['value'] must be a number, string, bool or null, got {type(value).__name__}.")
+        check_json(value, f"{w}['value']")
+        out.append({"name": name, "kind": kind, "value": value})
     return tuple(out)
 
 
@@ -228,7 +139,10 @@ class Manifest:
     world_size: int = 1
     ranks: Tuple[Tuple[SeedRecord, ...], ...] = attrs.field(default=(), converter=tuple)
     replay: Optional[Mapping[str, Any]] = None
+    results: Tuple[Mapping[str, Any], ...] = attrs.field(default=(), converter=tuple)
     seedreg_version: str = __version__
+    #: The schema version the manifest was read from (1: seedreg 0.1.0); it is written as the current one.
+    read_version: int = attrs.field(default=SCHEMA_VERSION, eq=False)
 
     # -- lookup ----------------------------------------------------------------------------------
 
@@ -265,6 +179,7 @@ class Manifest:
             "records": [to(r) for r in self.records],
             "ranks": [[to(r) for r in rank] for rank in self.ranks],
             "replay": None if self.replay is None else dict(self.replay),
+            "results": [dict(r) for r in self.results],
         }
 
     def to_dict(self) -> Dict[str, Any]:
@@ -302,18 +217,19 @@ class Manifest:
         if data.get("format") != FORMAT:
             raise ManifestError(f"not a seedreg manifest (format is {data.get('format')!r:.80}, expected {FORMAT!r}).")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION or isinstance(version, bool):
+        if version not in READABLE_VERSIONS or type(version) is not int:
             raise ManifestError(
                 f"manifest schema_version {version!r:.40} is not supported; this seedreg ({__version__}) reads "
-                f"version {SCHEMA_VERSION}."
+                f"versions {list(READABLE_VERSIONS)}."
             )
+        top = _TOP if version == SCHEMA_VERSION else _TOP_V1
         keys = set(data)
         if "checksum" in keys:
             if verify and data["checksum"] != checksum_of(data):
                 raise ManifestError("manifest checksum does not match its content: the file was edited or damaged.")
             keys.discard("checksum")
-        if keys != _TOP - {"checksum"}:
-            missing, extra = sorted(_TOP - {"checksum"} - keys), sorted(map(str, keys - _TOP))
+        if keys != top - {"checksum"}:
+            missing, extra = sorted(top - {"checksum"} - keys), sorted(map(str, keys - top))
             raise ManifestError(f"manifest fields are wrong: missing {missing}, unexpected {extra}.")
         where = "manifest"
         master = _require(data, "master_seed", int, where)
@@ -331,21 +247,21 @@ class Manifest:
         applied = _require(data, "applied", Mapping, where)
         environment = _require(data, "environment", Mapping, where)
         for name, value in (("settings", settings), ("applied", applied), ("environment", environment)):
-            _check_json(value, f"manifest[{name!r}]")
+            check_json(value, f"manifest[{name!r}]")
         violations = _require(data, "violations", list, where)
         for i, v in enumerate(violations):
             if not (isinstance(v, Mapping) and set(v) == {"kind", "message"} and all(isinstance(x, str) for x in v.values())):
                 raise ManifestError(f"manifest['violations'][{i}] must be {{'kind': str, 'message': str}}.")
-        records = _records(data["records"], "manifest['records']")
+        records = records_from_list(data["records"], "manifest['records']", schema=version)
         ranks_data = _require(data, "ranks", list, where)
-        ranks = tuple(_records(r, f"manifest['ranks'][{i}]") for i, r in enumerate(ranks_data))
+        ranks = tuple(records_from_list(r, f"manifest['ranks'][{i}]", schema=version) for i, r in enumerate(ranks_data))
         if ranks and len(ranks) != world:
             raise ManifestError(f"manifest lists {len(ranks)} ranks but world_size is {world}.")
         replay = data["replay"]
         if replay is not None:
             if not isinstance(replay, Mapping):
                 raise ManifestError("manifest['replay'] must be an object or null.")
-            _check_json(replay, "manifest['replay']")
+            check_json(replay, "manifest['replay']")
         return cls(
             master_seed=master,
             scheme=scheme,
@@ -357,7 +273,9 @@ class Manifest:
             world_size=world,
             ranks=ranks,
             replay=replay,
+            results=_results(data["results"], "manifest['results']") if version == SCHEMA_VERSION else (),
             seedreg_version=_require(data, "seedreg_version", str, where),
+            read_version=version,
         )
 
     @classmethod
@@ -419,7 +337,8 @@ class Manifest:
     # -- comparison ------------------------------------------------------------------------------
 
     def diff(self, other: "Manifest") -> List[str]:
-        """What differs between two manifests, one line each (seeds, settings, environment, fingerprints)."""
+        """What differs between two manifests, one line each, naming the record, the use and the
+        field (``record ('optimizer', 'training') use 1: defaults.lr: 0.05 != 0.1``)."""
         out: List[str] = []
         for name in ("master_seed", "scheme", "world_size"):
             a, b = getattr(self, name), getattr(other, name)
@@ -435,11 +354,22 @@ class Manifest:
                 continue
             if a.seed != b.seed:
                 out.append(f"{label}: seed {a.seed} != {b.seed}")
-            if a.kind != b.kind:
-                out.append(f"{label}: kind {a.kind!r} != {b.kind!r}")
-            for dkey in sorted(set(a.details) | set(b.details)):
-                if a.details.get(dkey) != b.details.get(dkey):
-                    out.append(f"{label}: {dkey} {a.details.get(dkey)!r} != {b.details.get(dkey)!r}")
+            if a.uses != b.uses:
+                out.append(f"{label}: uses {a.uses} != {b.uses}")
+            for number in sorted({u.use for u in a.log} | {u.use for u in b.log}):
+                (kind_a, det_a), (kind_b, det_b) = a.use(number), b.use(number)
+                if kind_a != kind_b:
+                    out.append(f"{label} use {number}: kind {kind_a!r} != {kind_b!r}")
+                for field, x, y in differences(det_a, det_b):
+                    out.append(f"{label} use {number}: {field}: {x!r} != {y!r}")
+        results_a = {r["name"]: r for r in self.results}
+        results_b = {r["name"]: r for r in other.results}
+        for name in sorted(set(results_a) | set(results_b)):
+            x, y = results_a.get(name), results_b.get(name)
+            if x is None or y is None:
+                out.append(f"result {name!r}: only in the {'second' if x is None else 'first'} manifest")
+            elif (x["kind"], x["value"]) != (y["kind"], y["value"]):
+                out.append(f"result {name!r}: {x['value']!r} != {y['value']!r}")
         for section in ("settings", "applied", "environment"):
             a, b = getattr(self, section), getattr(other, section)
             for key in sorted(set(a) | set(b)):

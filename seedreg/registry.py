@@ -1,68 +1,62 @@
-"""The registry: every seed a session issued, memoized by (purpose, instance id), never two alike.
+"""The registry: every key a session issued a seed for, memoized, never two alike, every use counted.
 
 It refuses what would silently correlate two components: two keys whose seeds are equal, whether
 because the scheme encodes them the same way (``("model_a", None)`` and ``("model", "a")`` under
-sha256-v1) or by a birthday collision of 31-bit seeds. When replaying, it also checks every seed
-against the recorded run.
+sha256-v1) or by a birthday collision of 31-bit seeds. It counts every use of a key and keeps the
+details of those that have any (see :mod:`seedreg.records`). When replaying it consults a
+:class:`~seedreg.replay.Replay` at every use.
+
+Uses only happen in the process that made the registry: a DataLoader worker (or any forked or
+unpickled copy) asking for a seed would record it in a copy that is thrown away, so it is refused.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
+import weakref
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
-import attrs
-
+from ._log import logger as log
 from .derive import InstanceId, check_instance_id, check_purpose, derivation_input, derive_seed
-from .errors import ReplayMismatchError, SeedCollisionError, StateError
+from .errors import SeedCollisionError, SeedregError, StateError
+from .records import KINDS, SeedRecord, Use, differences, record_to_dict
 
-__all__ = ["SeedRecord", "Registry", "KINDS"]
+__all__ = ["Registry", "KINDS"]
 
 Key = Tuple[str, InstanceId]
-
-#: What a record's ``kind`` says about how the seed was first asked for.
-KINDS = ("seed", "rank_seed", "generator", "numpy_rng", "fork", "model", "optimizer", "dataloader", "subset_mask")
-
 _ID_TYPES = (type(None), str, int)
-
-
-@attrs.frozen(kw_only=True)
-class SeedRecord:
-    """One seed issued by a session: its key, its value, how it was used and what it seeded.
-
-    Records are made by the registry and validated when a manifest is loaded; the constructor
-    itself does not validate (a million of them are built when a large manifest loads).
-
-    >>> SeedRecord(purpose="model", instance_id="training", seed=1958051794, kind="model")
-    SeedRecord(purpose='model', instance_id='training', seed=1958051794, kind='model', uses=1, details={})
-    """
-
-    purpose: str
-    instance_id: InstanceId
-    seed: int
-    kind: str
-    uses: int = 1
-    details: Mapping[str, Any] = attrs.field(factory=dict)
-
-    @property
-    def key(self) -> Key:
-        return (self.purpose, self.instance_id)
+# A second loader on the same key that differs only in its subset is the LDS pattern (the
+# counterfactual loader keeps the full run's order): not worth a warning.
+_SUBSET_FIELDS = ("subset_size", "subset_digest", "subset_mode")
 
 
 class _Entry:
-    __slots__ = ("seed", "kind", "uses", "details")
+    __slots__ = ("seed", "kind", "uses", "log", "warned")
 
     def __init__(self, seed: int, kind: str, uses: int = 1) -> None:
         self.seed = seed
         self.kind = kind
         self.uses = uses
-        self.details: Optional[Dict[str, Any]] = None
+        self.log: Optional[List[Tuple[int, str, Dict[str, Any]]]] = None
+        self.warned = False
 
 
 # The memo maps a key to its seed (an int) while the key has been asked for once, through
 # ``seed()``, and nothing is attached to it: the common case of LDS studies issuing a million
 # seeds costs no entry object. A second use, another kind or details turn it into an _Entry.
 _Memo = Dict[Key, Union[int, _Entry]]
+_NO_FAST_PATH: _Memo = {}
+
+# Registries of this process: a forked child turns their fast paths off (its uses must be refused).
+_live: "weakref.WeakSet[Registry]" = weakref.WeakSet()
+_fork_hook: List[bool] = []
+
+
+def _after_fork_in_child() -> None:
+    for registry in list(_live):
+        registry.fast = _NO_FAST_PATH
 
 
 def _show(key: Key) -> str:
@@ -70,57 +64,138 @@ def _show(key: Key) -> str:
 
 
 class Registry:
-    """Memoized, collision-checked seeds of one session. Thread-safe.
+    """Memoized, collision-checked seeds of one session, with their uses. Thread-safe.
 
-    `expected` holds the records of a run being replayed: every seed issued is checked against it,
-    and with `strict` a key it does not hold is refused.
+    ``fast`` is the memo itself when a memoized use may skip every check (the session's ``seed()``
+    reads it), and an empty dict while replaying or in another process.
     """
 
-    def __init__(
-        self,
-        master_seed: int,
-        scheme: str,
-        *,
-        expected: Optional[Mapping[Key, SeedRecord]] = None,
-        strict: bool = True,
-    ) -> None:
+    def __init__(self, master_seed: int, scheme: str) -> None:
         self.master_seed = master_seed
         self.scheme = scheme
-        self.expected = dict(expected) if expected is not None else None
-        self.strict = strict
-        self.new: List[Key] = []
+        self.replay: Any = None
         self._memo: _Memo = {}
         self._seeds: set = set()
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self.fast: _Memo = self._memo
+        if not _fork_hook and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_after_fork_in_child)
+            _fork_hook.append(True)
+        _live.add(self)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_lock"]
+        state["fast"] = _NO_FAST_PATH  # a copy in another process refuses uses (see _check_process)
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._memo)
 
+    def replay_against(self, replay: Any) -> None:
+        """Check every use from now on against `replay` (before the first use only)."""
+        if self._memo:
+            raise SeedregError("a registry starts replaying before its first use.")
+        self.replay = replay
+        self.fast = _NO_FAST_PATH
+
+    # -- uses ------------------------------------------------------------------------------------
+
     def get(self, purpose: str, instance_id: InstanceId, kind: str) -> int:
-        """The seed of (purpose, instance_id): memoized on the first call, recorded as `kind`."""
-        entry = self._memo.get((purpose, instance_id))
-        if entry is not None and type(instance_id) in _ID_TYPES and type(entry) is _Entry:
+        """One use of (purpose, instance_id) as `kind`: its seed, derived on the first use."""
+        entry = self.fast.get((purpose, instance_id))
+        if type(entry) is _Entry and entry.kind == kind and type(instance_id) in _ID_TYPES:
             entry.uses += 1
             return entry.seed
-        return self._issue(purpose, instance_id, kind)
+        return self.use(purpose, instance_id, kind)[0]
 
-    def _issue(self, purpose: str, instance_id: InstanceId, kind: str) -> int:
+    def use(self, purpose: str, instance_id: InstanceId, kind: str) -> Tuple[int, int]:
+        """One use, every check made: ``(seed, use number)``."""
         check_purpose(purpose)
         instance_id = check_instance_id(instance_id)
+        self._check_process(purpose, instance_id)
         key = (purpose, instance_id)
+        replay = self.replay
         with self._lock:
             if key in self._memo:
                 entry = self._entry(key)
                 entry.uses += 1
-                return entry.seed
-            seed = derive_seed(self.master_seed, purpose, instance_id, scheme=self.scheme)
-            if seed in self._seeds:
-                raise self._collision(key, seed)
-            if self.expected is not None:
-                self._check_expected(key, seed)
-            self._seeds.add(seed)
-            self._memo[key] = seed if kind == "seed" else _Entry(seed, kind)
-        return seed
+                number = entry.uses
+                if kind != entry.kind:
+                    self._log(entry).append((number, kind, {}))
+                seed = entry.seed
+            else:
+                seed = derive_seed(self.master_seed, purpose, instance_id, scheme=self.scheme)
+                if seed in self._seeds:
+                    raise self._collision(key, seed)
+                if replay is not None:
+                    replay.check_new_key(key, seed)
+                self._seeds.add(seed)
+                self._memo[key] = seed if kind == "seed" else _Entry(seed, kind)
+                number = 1
+        if replay is not None:
+            replay.check_use(key, number, kind)
+        return seed, number
+
+    def detail(self, purpose: str, instance_id: InstanceId, number: int, details: Mapping[str, Any], *, ignore: Tuple[str, ...] = ()) -> None:
+        """Attach what use `number` of the key seeded (a model's fingerprint, a loader's settings).
+
+        `ignore` names fields a replay need not match (a loader's ``num_workers`` when every
+        example has its own random streams). A key built again with other details is logged once.
+        """
+        key = (purpose, instance_id)
+        details = dict(details)
+        with self._lock:
+            entry = self._entry(key)
+            entry_log = self._log(entry)
+            if entry_log and entry_log[-1][0] == number:
+                kind = entry_log[-1][1]
+                entry_log[-1] = (number, kind, details)
+            else:
+                kind = entry.kind
+                entry_log.append((number, kind, details))
+            previous = None
+            for i in range(len(entry_log) - 2, -1, -1):  # the last earlier use of this kind with details
+                if entry_log[i][1] == kind and entry_log[i][2]:
+                    previous = entry_log[i][2]
+                    break
+            warn = (
+                previous is not None
+                and not entry.warned
+                and previous != details
+                and bool(differences(previous, details, ignore=ignore + _SUBSET_FIELDS))
+            )
+            if warn:
+                entry.warned = True
+        if warn:
+            log.warning(
+                "seedreg_key_reused",
+                purpose=purpose,
+                instance_id=instance_id,
+                use=number,
+                hint="this key was built again with other details; pass a distinct instance_id per component "
+                "so that each gets its own seed",
+            )
+        if self.replay is not None:
+            self.replay.check_details(key, number, details, ignore)
+
+    def _check_process(self, purpose: str, instance_id: InstanceId) -> None:
+        if os.getpid() == self._pid:
+            worker = sys.modules.get("torch.utils.data._utils.worker")  # torch's, once a loader ran
+            if worker is None or getattr(worker, "_worker_info", None) is None:
+                return
+        raise SeedregError(
+            f"a seed for (purpose={purpose!r}, instance_id={instance_id!r}) was requested inside a DataLoader "
+            f"worker (or another process than the session's): it would be recorded in a copy of the session "
+            f"that is thrown away. Draw per-example randomness from the global generators instead (the loader "
+            f"seeds them per example with seed_per_example=True), or derive the seeds in the main process, "
+            f"before the loader starts, and hand them to the dataset."
+        )
 
     def _entry(self, key: Key) -> _Entry:
         """The key's _Entry, made from a bare seed if need be (caller holds the lock)."""
@@ -131,26 +206,15 @@ class Registry:
         self._memo[key] = entry
         return entry
 
+    @staticmethod
+    def _log(entry: _Entry) -> List[Tuple[int, str, Dict[str, Any]]]:
+        if entry.log is None:
+            entry.log = []
+        return entry.log
+
     def _seed_of(self, key: Key) -> int:
         value = self._memo[key]
         return value.seed if type(value) is _Entry else value  # type: ignore[return-value,union-attr]
-
-    def _check_expected(self, key: Key, seed: int) -> None:
-        recorded = self.expected.get(key)  # type: ignore[union-attr]
-        if recorded is None:
-            if self.strict:
-                raise ReplayMismatchError(
-                    f"replay asked for {_show(key)}, which the recorded run never issued; "
-                    f"the script has changed since the manifest was written. Replay with "
-                    f"strict=False to record it as new."
-                )
-            self.new.append(key)
-        elif recorded.seed != seed:
-            raise ReplayMismatchError(
-                f"{_show(key)} derives {seed} now but the manifest recorded {recorded.seed}: the "
-                f"derivation changed (scheme {self.scheme!r}, master seed {self.master_seed}); "
-                f"this run cannot replay that manifest."
-            )
 
     def _collision(self, key: Key, seed: int) -> SeedCollisionError:
         other = next(k for k in self._memo if self._seed_of(k) == seed)
@@ -168,18 +232,15 @@ class Registry:
             )
         return SeedCollisionError(f"{_show(key)} and {_show(other)} would both get seed {seed}: {why}.")
 
-    def set_details(self, purpose: str, instance_id: InstanceId, details: Mapping[str, Any]) -> None:
-        """Attach what the seed was used for (a model's fingerprint, a loader's settings)."""
-        with self._lock:
-            self._entry((purpose, instance_id)).details = dict(details)
+    # -- records ---------------------------------------------------------------------------------
 
     def records(self) -> Tuple[SeedRecord, ...]:
-        """Every record, in the order the seeds were first issued."""
+        """Every record, in the order the keys were first used."""
         with self._lock:
-            items = list(self._memo.items())
+            items = [(k, e) if type(e) is not _Entry else (k, (e.seed, e.kind, e.uses, tuple(e.log or ()))) for k, e in self._memo.items()]
         return tuple(
-            SeedRecord(purpose=k[0], instance_id=k[1], seed=e.seed, kind=e.kind, uses=e.uses, details=e.details or {})
-            if type(e) is _Entry
+            SeedRecord(purpose=k[0], instance_id=k[1], seed=e[0], kind=e[1], uses=e[2], log=[Use(use=n, kind=kd, details=d) for n, kd, d in e[3]])
+            if type(e) is tuple
             else SeedRecord(purpose=k[0], instance_id=k[1], seed=e, kind="seed")  # type: ignore[arg-type]
             for k, e in items
         )
@@ -187,14 +248,15 @@ class Registry:
     def __iter__(self) -> Iterator[Key]:
         return iter(list(self._memo))
 
-    # -- state -------------------------------------------------------------------------------
+    # -- state -------------------------------------------------------------------------------------
 
     def state_dict(self) -> List[Dict[str, Any]]:
         return [record_to_dict(r) for r in self.records()]
 
-    def memo_from_records(self, records: List[SeedRecord]) -> "_Memo":
-        """Check `records` (each seed re-derived) and build the memo they stand for; changes nothing."""
+    def memo_from_records(self, records: List[SeedRecord]) -> _Memo:
+        """Check `records` (each seed re-derived, no two alike) and build their memo; changes nothing."""
         memo: _Memo = {}
+        seeds = set()
         for r in records:
             derived = derive_seed(self.master_seed, r.purpose, r.instance_id, scheme=self.scheme)
             if derived != r.seed:
@@ -202,26 +264,17 @@ class Registry:
                     f"record {_show(r.key)} holds seed {r.seed} but derives {derived} under "
                     f"scheme {self.scheme!r} and master seed {self.master_seed}: the state is corrupt."
                 )
-            entry = _Entry(r.seed, r.kind)
-            entry.uses = r.uses
-            entry.details = dict(r.details) or None
+            if derived in seeds:
+                raise StateError(f"record {_show(r.key)} has the seed of another record: the registry would refuse them as a collision.")
+            seeds.add(derived)
+            entry = _Entry(r.seed, r.kind, r.uses)
+            if r.log:
+                entry.log = [(u.use, u.kind, dict(u.details)) for u in r.log]
             memo[r.key] = entry
         return memo
 
-    def install(self, memo: "_Memo") -> None:
+    def install(self, memo: _Memo) -> None:
         with self._lock:
-            self._memo.clear()  # in place: the session holds a reference for its fast path
+            self._memo.clear()  # in place: `fast` may be this very dict
             self._memo.update(memo)
             self._seeds = {self._seed_of(k) for k in memo}
-
-
-def record_to_dict(record: SeedRecord) -> Dict[str, Any]:
-    """A record as JSON-native data (instance id type kept: JSON tells 0 from "0")."""
-    return {
-        "purpose": record.purpose,
-        "instance_id": record.instance_id,
-        "seed": record.seed,
-        "kind": record.kind,
-        "uses": record.uses,
-        "details": dict(record.details),
-    }

@@ -1,57 +1,182 @@
-"""Replaying a run from its manifest: what was asked for, what differed, and what to expect.
+"""Replaying a run from its manifest: one object holds what is expected and what differed.
 
-The verdict says whether bitwise equality with the recorded run can be expected (same torch,
-numpy, CUDA, cuDNN, GPUs, deterministic flags and precision settings) or only statistical
-agreement, and why.
+:class:`Replay` is consulted by the registry at every use and by the session at every recorded
+result. Use k of a key must match recorded use k (its kind and every detail); each recorded result
+must come out the same. The report's verdict says what a user may conclude:
+
+- ``bitwise``: seeds, uses, environment and every recorded result agree;
+- ``diverged``: the environment agrees but a use or a result does not (or a result was never
+  recorded again);
+- ``statistical``: the environment differs in something that changes floating-point results
+  (torch, numpy, CUDA, the CPU's kernel family, ...), so only statistical agreement is expected.
 """
 
 from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
+from .derive import InstanceId
 from .determinism import BITWISE_KEYS
-from .manifest import Manifest
-from .registry import SeedRecord
+from .errors import ReplayMismatchError
+from .records import SeedRecord, differences
 
-__all__ = ["environment_differences", "replay_report"]
+__all__ = ["Replay", "environment_differences"]
+
+Key = Tuple[str, InstanceId]
+_SHOWN_FIELDS = 8  # mismatching fields listed per use
+
+
+def _show(key: Key) -> str:
+    return f"({key[0]!r}, {key[1]!r})"
+
+
+def _typed(key: Key) -> Tuple[str, type, InstanceId]:
+    return (key[0], type(key[1]), key[1])
 
 
 def environment_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> List[Dict[str, Any]]:
-    """Each environment key whose value changed, and whether that rules out bitwise equality."""
+    """Each environment key whose value changed, and whether that rules out bitwise equality.
+
+    A key the recorded run did not write (an older seedreg) is listed but does not rule it out.
+    """
     out = []
     for key in sorted(set(recorded) | set(current)):
         a, b = recorded.get(key), current.get(key)
         if a != b:
-            out.append({"key": key, "recorded": a, "current": b, "breaks_bitwise": key in BITWISE_KEYS})
+            out.append({"key": key, "recorded": a, "current": b, "breaks_bitwise": key in BITWISE_KEYS and key in recorded})
     return out
 
 
-def _key(purpose: str, instance_id: Any) -> Dict[str, Any]:
-    return {"purpose": purpose, "instance_id": instance_id}
+class Replay:
+    """What a replaying session checks against: the recorded records, uses and results.
+
+    `legacy` (a schema-1 manifest) compares only the details the old manifest kept, on the use it
+    kept them for.
+    """
+
+    def __init__(self, manifest: Any, records: Iterable[SeedRecord], *, strict: bool, legacy: bool = False) -> None:
+        self.manifest = manifest
+        self.strict = strict
+        self.legacy = legacy
+        self.expected: Dict[Tuple[str, type, InstanceId], SeedRecord] = {_typed(r.key): r for r in records}
+        self.new: List[Key] = []
+        self.mismatches: List[Dict[str, Any]] = []
+        self.results: Dict[str, Mapping[str, Any]] = {r["name"]: r for r in manifest.results}
+        self.results_seen: Dict[str, Mapping[str, Any]] = {}
+
+    # -- checks the registry makes ---------------------------------------------------------------
+
+    def check_new_key(self, key: Key, seed: int) -> None:
+        """A key's first use: it must have been recorded (strict), with this very seed (always)."""
+        recorded = self.expected.get(_typed(key))
+        if recorded is None:
+            if self.strict:
+                raise ReplayMismatchError(
+                    f"replay asked for (purpose={key[0]!r}, instance_id={key[1]!r}), which the recorded run never "
+                    f"issued; the script has changed since the manifest was written. Replay with strict=False to "
+                    f"record it as new."
+                )
+            self.new.append(key)
+        elif recorded.seed != seed:
+            raise ReplayMismatchError(
+                f"(purpose={key[0]!r}, instance_id={key[1]!r}) derives {seed} now but the manifest recorded "
+                f"{recorded.seed}: the derivation changed; this run cannot replay that manifest."
+            )
+
+    def check_use(self, key: Key, number: int, kind: str) -> None:
+        """Use `number` of `key`: the recorded run must have made it, of the same kind."""
+        recorded = self.expected.get(_typed(key))
+        if recorded is None:
+            return
+        if number > recorded.uses:
+            self._mismatch(key, number, "uses", recorded.uses, number,
+                           f"{_show(key)} is used a {_ordinal(number)} time but the recorded run used it {recorded.uses} time(s)")
+            return
+        recorded_kind = recorded.use(number)[0]
+        if not self.legacy and recorded_kind != kind:
+            self._mismatch(key, number, "kind", recorded_kind, kind, f"{_show(key)} use {number} is a {kind!r} but was a {recorded_kind!r}")
+
+    def check_details(self, key: Key, number: int, details: Mapping[str, Any], ignore: Tuple[str, ...] = ()) -> None:
+        """The details of use `number` of `key` against the recorded ones, field by field."""
+        recorded = self.expected.get(_typed(key))
+        if recorded is None or number > recorded.uses:
+            return
+        expected = recorded.use(number)[1]
+        if self.legacy and not expected:
+            return
+        rows = differences(expected, details, ignore=ignore, only_recorded=self.legacy)
+        for field, a, b in rows[:_SHOWN_FIELDS]:
+            hint = ""
+            if field == "fingerprint" and len(rows) == 1:
+                hint = " (same class and size: does the factory draw from an unseeded source?)"
+            self._mismatch(key, number, field, a, b, f"{_show(key)} use {number}: {field} is {b!r} but the manifest recorded {a!r}{hint}")
+
+    def _mismatch(self, key: Key, number: int, field: str, recorded: Any, current: Any, message: str) -> None:
+        self.mismatches.append({
+            "purpose": key[0], "instance_id": key[1], "use": number, "field": field,
+            "recorded": recorded, "current": current, "message": message,
+        })
+        if self.strict:
+            raise ReplayMismatchError(f"replay diverged: {message}.")
+
+    # -- results ----------------------------------------------------------------------------------
+
+    def check_result(self, result: Mapping[str, Any]) -> None:
+        name = result["name"]
+        self.results_seen[name] = result
+        recorded = self.results.get(name)
+        if recorded is None:
+            return
+        if (recorded["kind"], recorded["value"]) != (result["kind"], result["value"]) and self.strict:
+            raise ReplayMismatchError(
+                f"replay diverged: result {name!r} is {_short(result['value'])} but the manifest recorded "
+                f"{_short(recorded['value'])}."
+            )
+
+    # -- the report -------------------------------------------------------------------------------
+
+    def report(self, issued: Iterable[Key], current_env: Mapping[str, Any]) -> Dict[str, Any]:
+        """The JSON-native report ``SeedSession.replay_report()`` returns."""
+        issued_keys = {_typed(k) for k in issued}
+        missing = [_key(r.key) for k, r in self.expected.items() if k not in issued_keys]
+        env = environment_differences(self.manifest.environment, current_env)
+        matched, mismatched, new = [], [], []
+        for name, got in self.results_seen.items():
+            recorded = self.results.get(name)
+            if recorded is None:
+                new.append(name)
+            elif (recorded["kind"], recorded["value"]) == (got["kind"], got["value"]):
+                matched.append(name)
+            else:
+                mismatched.append({"name": name, "recorded": recorded["value"], "current": got["value"]})
+        results_missing = [name for name in self.results if name not in self.results_seen]
+        statistical = [f"environment {d['key']}: {d['recorded']!r} -> {d['current']!r}" for d in env if d["breaks_bitwise"]]
+        diverged = [f"mismatch: {m['message']}" for m in self.mismatches]
+        diverged += [f"result {m['name']!r}: {_short(m['current'])} != recorded {_short(m['recorded'])}" for m in mismatched]
+        diverged += [f"result {name!r} was recorded by the original run but not by the replay" for name in results_missing]
+        verdict = "statistical" if statistical else "diverged" if diverged else "bitwise"
+        return {
+            "master_seed": self.manifest.master_seed,
+            "scheme": self.manifest.scheme,
+            "missing": missing,
+            "new": [_key(k) for k in self.new],
+            "mismatches": [dict(m) for m in self.mismatches],
+            "results": {"matched": matched, "mismatched": mismatched, "missing": results_missing, "new": new},
+            "environment": env,
+            "verdict": verdict,
+            "reasons": statistical + diverged,
+        }
 
 
-def replay_report(
-    manifest: Manifest,
-    expected: Iterable[SeedRecord],
-    issued: Iterable[Tuple[str, Any]],
-    new: Iterable[Tuple[str, Any]],
-    mismatches: Iterable[Mapping[str, Any]],
-    current_env: Mapping[str, Any],
-) -> Dict[str, Any]:
-    """The report ``SeedSession.replay_report()`` returns (JSON-native)."""
-    issued_keys = {(p, type(i), i) for p, i in issued}
-    missing = [_key(r.purpose, r.instance_id) for r in expected if (r.purpose, type(r.instance_id), r.instance_id) not in issued_keys]
-    env = environment_differences(manifest.environment, current_env)
-    mismatches = [dict(m) for m in mismatches]
-    reasons = [f"environment {d['key']}: {d['recorded']!r} -> {d['current']!r}" for d in env if d["breaks_bitwise"]]
-    reasons += [f"mismatch: {m['message']}" for m in mismatches]
-    return {
-        "master_seed": manifest.master_seed,
-        "scheme": manifest.scheme,
-        "missing": missing,
-        "new": [_key(p, i) for p, i in new],
-        "mismatches": mismatches,
-        "environment": env,
-        "verdict": "statistical" if reasons else "bitwise",
-        "reasons": reasons,
-    }
+def _key(key: Key) -> Dict[str, Any]:
+    return {"purpose": key[0], "instance_id": key[1]}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+

@@ -7,24 +7,27 @@ replayable. Constructing a session changes no global state; ``setup()`` does, on
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
+import weakref
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import attrs
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import torch
 
 from . import distributed as _dist
-from .attribution import make_subset_mask
+from .attribution import make_subset_mask, mask_digest
 from .data import SeededDataLoader
 from .derive import DEFAULT_SCHEME, InstanceId, check_instance_id, check_master_seed, check_scheme
 from .determinism import DeterminismSettings, ViolationLog, apply_settings, environment
 from .errors import ReplayMismatchError, SeedregError, StateError
-from .fingerprint import fingerprint
-from .manifest import Manifest, PathLike, record_from_dict
-from .registry import _ID_TYPES, Registry, _Entry, SeedRecord, record_to_dict
-from .replay import replay_report
+from .fingerprint import fingerprint, result_entry
+from .manifest import Manifest, PathLike
+from .records import SeedRecord, record_from_dict, record_to_dict
+from .registry import _ID_TYPES, Registry, _Entry
+from .replay import Replay
 from .rng import Fork, capture_global, decode_global, restore_global, seed_globals
 from .sampler import DeterministicSampler, subset_indices
 
@@ -33,7 +36,8 @@ __all__ = ["SeedSession"]
 from ._log import logger as log
 
 STATE_FORMAT = "seedreg-state"
-STATE_VERSION = 1
+STATE_VERSION = 2
+_READABLE_STATES = (1, 2)  # 1: seedreg 0.1.0 (records with one ``details``, loaders in build order)
 _REFUSED_LOADER_ARGS = {
     "sampler": "the session supplies a DeterministicSampler; pass shuffle= and subset= instead",
     "batch_sampler": "the session batches its own sampler; pass batch_size= and drop_last= instead",
@@ -92,6 +96,11 @@ class SeedSession:
     without a deterministic kernel run (recorded as violations) instead of raising;
     `fill_uninitialized_memory` is torch's setting of that name (its largest cost on GPUs).
     `rank` / `world_size` default to torch.distributed's, then torchrun's environment, then 0 / 1.
+
+    Every request for a seed is a *use* of its key, recorded in order with what it seeded; a
+    session made by :meth:`from_manifest` checks each use, and each :meth:`record_result`, against
+    the recorded run. Seeds are requested in the session's own process: a DataLoader worker that
+    asks for one gets a :class:`SeedregError` saying what to do instead.
     """
 
     def __init__(
@@ -119,20 +128,34 @@ class SeedSession:
         )
         self.rank, self.world_size = _dist.resolve_rank(rank, world_size)
         self._registry = Registry(self.master_seed, self.scheme)
-        self._memo = self._registry._memo
         self._violations = ViolationLog()
         self._applied: Dict[str, Any] = {}
         self._is_set_up = False
-        self._loaders: List[SeededDataLoader] = []
+        # Held weakly: a loader the program dropped is freed and leaves state_dict().
+        self._loaders: "weakref.WeakValueDictionary[int, SeededDataLoader]" = weakref.WeakValueDictionary()
+        self._loaders_built = 0
         self._pending_rng: Optional[Tuple[Dict[str, Any], Dict[str, Any]]] = None
-        self._replaying: Optional[Manifest] = None
-        self._mismatches: List[Dict[str, Any]] = []
+        self._replay: Optional[Replay] = None
+        self._results: Dict[str, Dict[str, Any]] = {}
 
     def __repr__(self) -> str:
         return (
             f"SeedSession({self.master_seed}, scheme={self.scheme!r}, deterministic={self.settings.deterministic}, "
             f"rank={self.rank}, world_size={self.world_size})"
         )
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # A copy sent to a spawned worker: it keeps the registry (which then refuses uses) but
+        # neither the loaders nor the violation log of this process.
+        state = dict(self.__dict__)
+        state["_loaders"] = None
+        state["_violations"] = None
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._loaders = weakref.WeakValueDictionary()
+        self._violations = ViolationLog()
 
     # -- global setup ------------------------------------------------------------------------------
 
@@ -159,12 +182,12 @@ class SeedSession:
     # -- seeds -------------------------------------------------------------------------------------
 
     def seed(self, purpose: str, instance_id: InstanceId = None) -> int:
-        """The seed of (purpose, instance_id): derived once, memoized, recorded."""
-        entry = self._memo.get((purpose, instance_id))
-        if entry is not None and type(entry) is _Entry and type(instance_id) in _ID_TYPES:
+        """The seed of (purpose, instance_id): derived once, memoized; every call is a recorded use."""
+        entry = self._registry.fast.get((purpose, instance_id))
+        if type(entry) is _Entry and entry.kind == "seed" and type(instance_id) in _ID_TYPES:
             entry.uses += 1
             return entry.seed
-        return self._registry._issue(purpose, instance_id, "seed")
+        return self._registry.use(purpose, instance_id, "seed")[0]
 
     def _seed(self, purpose: str, instance_id: InstanceId, kind: str) -> int:
         return self._registry.get(purpose, instance_id, kind)
@@ -211,22 +234,71 @@ class SeedSession:
             devices = _check_cuda_devices(devices)
         return Fork(self._seed(purpose, instance_id, "fork"), devices=devices, python=python, numpy=numpy, enabled=enabled)
 
+    def scope(self, instance_id: InstanceId, *, devices: Optional[Sequence[int]] = None, enabled: bool = True) -> Fork:
+        """A block in which python's `random`, numpy's global RNG, torch's CPU generator and the
+        current CUDA device's (or `devices`) are seeded from the seed of ("scope", instance_id); the
+        outer state comes back on exit, also on error. Scopes nest and are recorded.
+
+        Everything drawn inside (dropout, augmentation in the main process, ``torch.randn``) then
+        depends only on (master seed, instance_id), not on what ran before: model 7 of an LDS job
+        trains the same alone as at position 7.
+
+        >>> session = SeedSession(0)
+        >>> with session.scope(7):
+        ...     a = torch.nn.functional.dropout(torch.ones(4))
+        >>> _ = torch.rand(3)  # anything in between
+        >>> with session.scope(7):
+        ...     b = torch.nn.functional.dropout(torch.ones(4))
+        >>> torch.equal(a, b)
+        True
+        """
+        if devices is not None:
+            devices = _check_cuda_devices(devices)
+        return Fork(self._seed("scope", instance_id, "scope"), devices=devices, python=True, numpy=True, enabled=enabled)
+
     @property
     def records(self) -> Tuple[SeedRecord, ...]:
-        """Every seed issued so far, in order."""
+        """Every key used so far, in order, with its uses."""
         return self._registry.records()
+
+    # -- results -----------------------------------------------------------------------------------
+
+    def record_result(self, name: str, value: Any) -> Dict[str, Any]:
+        """Record an outcome of the run under `name`: a module, state dict, tensor or numpy array as
+        a SHA-256 fingerprint (dtype, shape and bytes), a number or string as itself. It goes into
+        the manifest; a replaying session compares it with the recorded one (strict: a difference
+        raises :class:`ReplayMismatchError`; the report lists matched, mismatched and missing).
+
+        >>> s = SeedSession(0)
+        >>> s.record_result("final_loss", 0.125)
+        {'name': 'final_loss', 'kind': 'value', 'value': 0.125}
+        """
+        if type(name) is not str or not name:
+            raise TypeError(f"`name` must be a non-empty str such as 'final_weights', got {name!r}.")
+        if name in self._results:
+            raise ValueError(f"result {name!r} was already recorded in this session; give each result its own name (e.g. f'weights_{{model_id}}').")
+        entry = result_entry(name, value)
+        self._results[name] = entry
+        if self._replay is not None:
+            self._replay.check_result(entry)
+        return dict(entry)
+
+    @property
+    def results(self) -> List[Dict[str, Any]]:
+        """Every result recorded so far, in order."""
+        return [dict(r) for r in self._results.values()]
 
     # -- builders ----------------------------------------------------------------------------------
 
     def build_model(self, factory: Callable[..., Any], instance_id: InstanceId = None, **kwargs: Any) -> Any:
         """``factory(**kwargs)`` inside a fork of python, numpy and torch seeded with the seed of
         ("model", instance_id): the weights do not depend on anything drawn before, and the global
-        generators are as they were afterwards. A module's fingerprint is recorded (and checked
-        against the manifest when replaying)."""
+        generators are as they were afterwards. A module's class, size and fingerprint are recorded
+        with the use (and checked against the manifest when replaying)."""
         if not callable(factory):
             raise TypeError(f"`factory` must be callable (a model class or a function), got {factory!r}.")
         instance_id = check_instance_id(instance_id)
-        seed = self._seed("model", instance_id, "model")
+        seed, use = self._registry.use("model", instance_id, "model")
         with Fork(seed, python=True, numpy=True):
             model = factory(**kwargs)
         if isinstance(model, torch.nn.Module):
@@ -236,22 +308,30 @@ class SeedSession:
                 "fingerprint": fingerprint(model),
                 "parameters": int(sum(p.numel() for p in model.parameters())),
             }
-            self._check_details("model", instance_id, details, ("fingerprint",))
-            self._registry.set_details("model", instance_id, details)
+            self._registry.detail("model", instance_id, use, details)
         return model
 
     def build_optimizer(
         self, optimizer_class: Type[torch.optim.Optimizer], params: Any, instance_id: InstanceId = None, **kwargs: Any
     ) -> torch.optim.Optimizer:
-        """``optimizer_class(params, **kwargs)`` inside a fork seeded with the seed of ("optimizer", instance_id)."""
+        """``optimizer_class(params, **kwargs)`` inside a fork seeded with the seed of ("optimizer", instance_id).
+        Its class and every hyperparameter of each parameter group are recorded with the use."""
         if not callable(optimizer_class):
             raise TypeError(f"`optimizer_class` must be an optimizer class such as torch.optim.SGD, got {optimizer_class!r}.")
         instance_id = check_instance_id(instance_id)
-        seed = self._seed("optimizer", instance_id, "optimizer")
+        seed, use = self._registry.use("optimizer", instance_id, "optimizer")
         with Fork(seed, python=True, numpy=True):
             optimizer = optimizer_class(params, **kwargs)
-        details = {"class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}", "defaults": _jsonable(getattr(optimizer, "defaults", {}))}
-        self._registry.set_details("optimizer", instance_id, details)
+        groups = [
+            {**{k: _jsonable(v) for k, v in g.items() if k != "params"}, "params": len(g.get("params", ()))}
+            for g in getattr(optimizer, "param_groups", ())
+        ]
+        details = {
+            "class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+            "defaults": _jsonable(getattr(optimizer, "defaults", {})),
+            "param_groups": groups,
+        }
+        self._registry.detail("optimizer", instance_id, use, details)
         return optimizer
 
     def build_dataloader(
@@ -279,7 +359,9 @@ class SeedSession:
         - `subset` (a bool mask or indices) keeps only those examples, in the order they have in
           the full loader, with the same per-example streams; ``subset_mode="weight"`` keeps every
           batch of the full run and yields ``(batch, weights)`` with weight 0.0 for removed examples.
-        - The loader reports to the session: ``state_dict()`` and the manifest include it.
+          Several loaders may share one key (the LDS pattern): each is its own recorded use.
+        - The loader reports to the session while the program holds it: ``state_dict()`` and the
+          manifest include it.
         """
         if dataloader_kwargs and not _REFUSED_LOADER_ARGS.keys().isdisjoint(dataloader_kwargs):
             name = next(n for n in _REFUSED_LOADER_ARGS if n in dataloader_kwargs)
@@ -304,14 +386,17 @@ class SeedSession:
             raise ValueError("`dataset` is empty (len 0); a loader needs at least one example.")
         weights = None
         sampler_subset = None
+        digest = None
         if subset is not None:
             kept = subset_indices(subset, size)
+            mask = np.zeros(size, dtype=bool)
+            mask[kept] = True
+            digest = mask_digest(mask)
             if subset_mode == "weight":
-                weights = np.zeros(size, dtype=bool)
-                weights[kept] = True
+                weights = mask
             else:
                 sampler_subset = kept
-        seed = self._seed("dataloader", instance_id, "dataloader")
+        seed, use = self._registry.use("dataloader", instance_id, "dataloader")
         sampler = DeterministicSampler(
             size, shuffle=shuffle, seed=seed, num_replicas=self.world_size, rank=self.rank, drop_last=drop_last, subset=sampler_subset
         )
@@ -327,6 +412,7 @@ class SeedSession:
             num_workers=num_workers,
             **dataloader_kwargs,
         )
+        loader._use = use
         details = {
             "dataset_size": size,
             "batch_size": batch_size,
@@ -335,27 +421,29 @@ class SeedSession:
             "drop_last": drop_last,
             "seed_per_example": seed_per_example,
             "subset_size": None if subset is None else int(len(kept)),
+            "subset_digest": digest,
             "subset_mode": None if subset is None else subset_mode,
             "world_size": self.world_size,
         }
-        self._check_details("dataloader", instance_id, details, ("dataset_size", "batch_size", "shuffle", "drop_last", "subset_size"))
-        self._registry.set_details("dataloader", instance_id, details)
-        self._loaders.append(loader)
+        # With per-example streams the number of workers changes nothing a replay could see.
+        self._registry.detail("dataloader", instance_id, use, details, ignore=("num_workers",) if seed_per_example else ())
+        self._loaders[self._loaders_built] = loader
+        self._loaders_built += 1
         if self._pending_rng is not None:
             loader._before_batch = self._apply_pending_rng
         return loader
 
     def subset_mask(self, num_examples: int, alpha: float, instance_id: InstanceId, *, mode: str = "fixed") -> np.ndarray:
         """A deterministic bool mask over `num_examples` for LDS model `instance_id`: "fixed" keeps
-        exactly ``round(alpha * n)``, "bernoulli" keeps each with probability `alpha`. Recorded."""
+        exactly ``round(alpha * n)``, "bernoulli" keeps each with probability `alpha`. Recorded,
+        with a digest of the mask."""
         from .attribution import check_mask_args
 
         check_mask_args(num_examples, alpha, mode)
-        seed = self._seed("subset_mask", instance_id, "subset_mask")
+        seed, use = self._registry.use("subset_mask", instance_id, "subset_mask")
         mask = make_subset_mask(seed, int(num_examples), float(alpha), mode)
-        details = {"num_examples": int(num_examples), "alpha": float(alpha), "mode": mode, "kept": int(mask.sum())}
-        self._check_details("subset_mask", instance_id, details, ("num_examples", "alpha", "mode", "kept"))
-        self._registry.set_details("subset_mask", instance_id, details)
+        details = {"num_examples": int(num_examples), "alpha": float(alpha), "mode": mode, "kept": int(mask.sum()), "digest": mask_digest(mask)}
+        self._registry.detail("subset_mask", check_instance_id(instance_id), use, details)
         return mask
 
     # -- replay ------------------------------------------------------------------------------------
@@ -364,9 +452,11 @@ class SeedSession:
     def from_manifest(cls, source: Union[PathLike, Manifest], *, strict: bool = True, rank: Optional[int] = None, world_size: Optional[int] = None) -> "SeedSession":
         """A session that replays the run `source` recorded: same master seed, scheme and settings.
 
-        Every seed issued is checked against the manifest (a changed derivation always raises
-        :class:`ReplayMismatchError`); with `strict`, so is any component the manifest lacks, and a
-        model whose initial fingerprint differs.
+        Every seed is re-derived and checked against the manifest (a changed derivation always
+        raises :class:`ReplayMismatchError`). Use k of each key is checked against recorded use k
+        (its kind and details: model fingerprints, loader settings, optimizer hyperparameters), and
+        each :meth:`record_result` against the recorded result. With `strict` a difference, or a
+        key the manifest lacks, raises at once; otherwise it is listed in :meth:`replay_report`.
         """
         manifest = source if isinstance(source, Manifest) else Manifest.load(source)
         if not isinstance(strict, bool):
@@ -387,44 +477,16 @@ class SeedSession:
                 f"world_size={session.world_size}; launch with the same number of ranks, or replay with strict=False."
             )
         expected = manifest.records_for_rank(session.rank) if manifest.world_size == session.world_size else manifest.records
-        session._registry = Registry(
-            session.master_seed, session.scheme, expected={r.key: r for r in expected}, strict=strict
-        )
-        session._memo = session._registry._memo
-        session._replaying = manifest
+        session._replay = Replay(manifest, expected, strict=strict, legacy=manifest.read_version < 2)
+        session._registry.replay_against(session._replay)
         return session
 
-    def _check_details(self, purpose: str, instance_id: InstanceId, details: Mapping[str, Any], keys: Sequence[str]) -> None:
-        expected = self._registry.expected
-        if expected is None:
-            return
-        recorded = expected.get((purpose, instance_id))
-        if recorded is None:
-            return
-        for key in keys:
-            if key in recorded.details and recorded.details[key] != details.get(key):
-                message = (
-                    f"({purpose!r}, {instance_id!r}) {key} is {details.get(key)!r} but the manifest recorded "
-                    f"{recorded.details[key]!r}"
-                )
-                self._mismatches.append({"purpose": purpose, "instance_id": instance_id, "field": key, "message": message})
-                if self._registry.strict:
-                    hint = " (does the factory draw from an unseeded source?)" if key == "fingerprint" else ""
-                    raise ReplayMismatchError(f"replay diverged: {message}{hint}.")
-
     def replay_report(self) -> Dict[str, Any]:
-        """What the replay requested against what was recorded, and whether to expect bitwise equality."""
-        if self._replaying is None:
+        """What the replay used and produced against what was recorded, and the verdict:
+        ``bitwise``, ``diverged`` (a use or result differs) or ``statistical`` (the environment does)."""
+        if self._replay is None:
             raise SeedregError("replay_report() needs a session made by SeedSession.from_manifest(...).")
-        expected = tuple(self._registry.expected.values())  # type: ignore[union-attr]
-        return replay_report(
-            self._replaying,
-            expected,
-            list(self._registry),
-            self._registry.new,
-            self._mismatches,
-            environment(self.world_size),
-        )
+        return self._replay.report(list(self._registry), environment(self.world_size))
 
     # -- manifest ----------------------------------------------------------------------------------
 
@@ -439,7 +501,8 @@ class SeedSession:
             environment=environment(self.world_size),
             violations=tuple(self.violations),
             world_size=self.world_size,
-            replay=self.replay_report() if self._replaying is not None else None,
+            replay=self.replay_report() if self._replay is not None else None,
+            results=self.results,
         )
 
     def dump(self, path: PathLike) -> pathlib.Path:
@@ -474,8 +537,9 @@ class SeedSession:
     # -- state -------------------------------------------------------------------------------------
 
     def state_dict(self) -> Dict[str, Any]:
-        """The whole random state of this rank, JSON-native: the registry, the global generators
-        (python, numpy, torch CPU, CUDA devices in use) and each loader's (seed, epoch, position)."""
+        """The whole random state of this rank, JSON-native: the registry (every key and its uses),
+        the global generators (python, numpy, torch CPU, CUDA devices in use) and the position of
+        each loader the program still holds (by instance id and use)."""
         rng = self._pending_rng[1] if self._pending_rng is not None else capture_global()
         return {
             "format": STATE_FORMAT,
@@ -486,22 +550,29 @@ class SeedSession:
             "world_size": self.world_size,
             "records": self._registry.state_dict(),
             "rng": rng,
-            "loaders": [loader.state_dict() for loader in self._loaders],
+            "loaders": [loader.state_dict() for loader in self._live_loaders()],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`. Everything is validated before anything changes.
 
-        Loaders continue at the first batch not yet consumed. The global generators are restored
-        right before the next batch is drawn from any of this session's loaders (so nothing that
-        runs in between can consume them), or at once if the session has no loaders.
+        Each loader in `state` must have been built again (same instance id, same use) before
+        loading; it continues at the first batch not yet consumed. The global generators are
+        restored right before the next batch is drawn from any of this session's loaders (so
+        nothing that runs in between can consume them), or at once if the session has no loaders.
         """
+        self._load_state(state, registry=True)
+
+    def _load_state(self, state: Mapping[str, Any], *, registry: bool) -> None:
+        """Validate `state` whole, then apply it; with `registry=False` (an in-process rewind, as
+        StepCheckpoints does) the registry and its uses stay as they are."""
         if not isinstance(state, Mapping):
             raise StateError(f"`state` must be a dict from SeedSession.state_dict(), got {type(state).__name__}.")
-        if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+        version = state.get("version")
+        if state.get("format") != STATE_FORMAT or version not in _READABLE_STATES or type(version) is not int:
             raise StateError(
                 f"`state` is not a seedreg state of version {STATE_VERSION} (format={state.get('format')!r:.40}, "
-                f"version={state.get('version')!r:.20})."
+                f"version={version!r:.20})."
             )
         for key in ("master_seed", "scheme", "world_size", "rank"):
             if key not in state:
@@ -518,36 +589,66 @@ class SeedSession:
         if not isinstance(state["records"], list):
             raise StateError("`state['records']` must be a list.")
         try:
-            records = [record_from_dict(r, f"state['records'][{i}]") for i, r in enumerate(state["records"])]
+            records = [record_from_dict(r, f"state['records'][{i}]", schema=version) for i, r in enumerate(state["records"])]
         except SeedregError as exc:
             raise StateError(str(exc)) from None
         memo = self._registry.memo_from_records(records)
         rng = decode_global(state["rng"])
-        loaders = state["loaders"]
-        if not isinstance(loaders, list) or len(loaders) != len(self._loaders):
-            raise StateError(
-                f"`state` holds {len(loaders) if isinstance(loaders, list) else 'no list of'} loaders but this session "
-                f"built {len(self._loaders)}; build the same loaders (same instance ids, same order) before loading."
-            )
-        snapshots = [loader.state_dict() for loader in self._loaders]
+        pairs = self._match_loaders(state["loaders"], version)
+        snapshots = [(loader, loader.state_dict()) for loader, _ in pairs]
         try:
-            for loader, loader_state in zip(self._loaders, loaders):
+            for loader, loader_state in pairs:
                 loader.load_state_dict(loader_state)
         except SeedregError:
-            for loader, snapshot in zip(self._loaders, snapshots):
+            for loader, snapshot in snapshots:
                 loader.load_state_dict(snapshot)
             raise
-        self._registry.install(memo)
-        if self._loaders:
+        if registry:
+            self._registry.install(memo)
+        loaders = self._live_loaders()
+        if loaders:
             self._pending_rng = (rng, state["rng"])
-            for loader in self._loaders:
+            for loader in loaders:
                 loader._before_batch = self._apply_pending_rng
         else:
             restore_global(rng)
 
+    def _live_loaders(self) -> List[SeededDataLoader]:
+        return list(self._loaders.values())
+
+    def _match_loaders(self, states: Any, version: int) -> List[Tuple[SeededDataLoader, Mapping[str, Any]]]:
+        """Pair each loader state with the live loader of the same (instance id, use)."""
+        if not isinstance(states, list):
+            raise StateError(f"`state['loaders']` must be a list, got {type(states).__name__}.")
+        live = {}
+        for loader in self._live_loaders():
+            live[(type(loader.instance_id), loader.instance_id, loader._use)] = loader
+        pairs = []
+        seen: Dict[Any, int] = {}
+        for i, loader_state in enumerate(states):
+            if not isinstance(loader_state, Mapping) or "instance_id" not in loader_state:
+                raise StateError(f"`state['loaders'][{i}]` must be a loader state with an 'instance_id'.")
+            iid = loader_state["instance_id"]
+            if not (iid is None or type(iid) in (str, int)):
+                raise StateError(f"`state['loaders'][{i}]['instance_id']` must be None, a str or an int, got {iid!r:.40}.")
+            if version == 1:  # 0.1.0 listed loaders in build order, without their use
+                use = seen[(type(iid), iid)] = seen.get((type(iid), iid), 0) + 1
+            else:
+                use = loader_state.get("use")
+                if type(use) is not int or use < 1:
+                    raise StateError(f"`state['loaders'][{i}]['use']` must be an int >= 1, got {use!r:.40}.")
+            loader = live.get((type(iid), iid, use))
+            if loader is None:
+                raise StateError(
+                    f"`state` holds the loader ('dataloader', {iid!r:.60}) use {use}, which this session has not built "
+                    f"(or no longer holds); build the same loaders (same instance ids, same order) before loading."
+                )
+            pairs.append((loader, {k: v for k, v in loader_state.items() if k != "use"}))
+        return pairs
+
     def _apply_pending_rng(self) -> None:
         pending, self._pending_rng = self._pending_rng, None
-        for loader in self._loaders:
+        for loader in self._live_loaders():
             loader._before_batch = None
         if pending is not None:
             restore_global(pending[0])

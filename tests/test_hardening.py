@@ -346,8 +346,9 @@ def test_worker_crash_surfaces_and_state_stays_sound(workers):
     assert state["loaders"][0]["sampler"]["position"] == 10
     json.dumps(state)
     s2 = SeedSession(2)
-    s2.build_dataloader(Crashing(), "d", batch_size=2, num_workers=workers)
+    loader2 = s2.build_dataloader(Crashing(), "d", batch_size=2, num_workers=workers)
     s2.load_state_dict(state)
+    assert loader2.sampler.position == 10
 
 
 # -- determinism diagnostics -------------------------------------------------------------------------

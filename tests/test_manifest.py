@@ -86,7 +86,7 @@ class TestRefusals:
 
     def test_wrong_schema_and_version(self, path):
         d = Manifest.load(path).to_dict()
-        for change in ({"schema_version": 2}, {"format": "other"}, {"extra": 1}, {"scheme": "md5"}, {"master_seed": -1}):
+        for change in ({"schema_version": 3}, {"schema_version": 1}, {"format": "other"}, {"extra": 1}, {"scheme": "md5"}, {"master_seed": -1}):
             bad = {**d, **change}
             bad.pop("checksum")
             with pytest.raises(ManifestError):

@@ -5,6 +5,7 @@ import threading
 import pytest
 
 from seedreg import SeedCollisionError, SeedRecord, SeedregError, SeedSession, derive_seed
+from seedreg.records import Use
 from seedreg.registry import Registry
 
 
@@ -15,7 +16,7 @@ class TestMemo:
         assert reg.get("model", "training", "seed") == 1958051794
         assert reg.get("model", "training", "generator") == 1958051794
         (record,) = reg.records()
-        assert record == SeedRecord(purpose="model", instance_id="training", seed=1958051794, kind="seed", uses=2)
+        assert record == SeedRecord(purpose="model", instance_id="training", seed=1958051794, kind="seed", uses=2, log=[Use(use=2, kind="generator")])
 
     def test_records_in_issue_order(self):
         s = SeedSession(1)
