@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import re
 import sys
 import tempfile
 from typing import Any, List, Optional, Sequence
@@ -16,6 +18,15 @@ from .derive import DEFAULT_SCHEME, SCHEMES, derive_seed
 from .errors import SeedregError
 
 __all__ = ["main"]
+
+
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def _emit(text: str = "") -> None:
+    """Print `text` with control characters escaped: a manifest's purposes and details are data,
+    and must not move the terminal's cursor or erase lines."""
+    print(_CONTROL.sub(lambda m: repr(m.group())[1:-1], text))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,38 +83,38 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
     m = Manifest.load(args.manifest)
     if args.json:
-        print(json.dumps(m.to_dict(), indent=2, sort_keys=True))
+        _emit(json.dumps(m.to_dict(), indent=2, sort_keys=True))
         return 0
-    print(f"manifest {args.manifest}")
-    print(f"master seed {m.master_seed}, scheme {m.scheme}, world size {m.world_size}, seedreg {m.seedreg_version}")
+    _emit(f"manifest {args.manifest}")
+    _emit(f"master seed {m.master_seed}, scheme {m.scheme}, world size {m.world_size}, seedreg {m.seedreg_version}")
     rows = [["purpose", "instance", "seed", "kind", "uses", "what"]]
     for r in m.records:
         rows.append([r.purpose, repr(r.instance_id), str(r.seed), r.kind, str(r.uses), ""])
         for u in r.log:
             rows.append(["", "", "", f"  {u.kind}", f"#{u.use}", _describe(u.kind, u.details)])
-    print(f"\nrecords ({len(m.records)})")
-    print(_rows_table(rows))
+    _emit(f"\nrecords ({len(m.records)})")
+    _emit(_rows_table(rows))
     if m.results:
-        print(f"\nresults ({len(m.results)})")
-        print(_rows_table([["name", "kind", "value"]] + [[r["name"], r["kind"], str(r["value"])] for r in m.results]))
-    print("\nsettings: " + ", ".join(f"{k}={v}" for k, v in sorted(m.settings.items())))
-    print("applied: " + (", ".join(f"{k}={v}" for k, v in sorted(m.applied.items())) or "(setup() was not called)"))
-    print("\nenvironment")
+        _emit(f"\nresults ({len(m.results)})")
+        _emit(_rows_table([["name", "kind", "value"]] + [[r["name"], r["kind"], str(r["value"])] for r in m.results]))
+    _emit("\nsettings: " + ", ".join(f"{k}={v}" for k, v in sorted(m.settings.items())))
+    _emit("applied: " + (", ".join(f"{k}={v}" for k, v in sorted(m.applied.items())) or "(setup() was not called)"))
+    _emit("\nenvironment")
     for k, v in sorted(m.environment.items()):
-        print(f"  {k}: {v}")
-    print(f"\nviolations ({len(m.violations)})")
+        _emit(f"  {k}: {v}")
+    _emit(f"\nviolations ({len(m.violations)})")
     for v in m.violations:
-        print(f"  {v['kind']}: {v['message']}")
+        _emit(f"  {v['kind']}: {v['message']}")
     if m.replay is not None:
         r = m.replay
         res = r.get("results") or {}
-        print(
+        _emit(
             f"\nreplay: verdict {r.get('verdict')}; missing {len(r.get('missing', []))}, new {len(r.get('new', []))}, "
             f"mismatches {len(r.get('mismatches', []))}, results matched {len(res.get('matched', []))}, "
             f"mismatched {len(res.get('mismatched', []))}, missing {len(res.get('missing', []))}"
         )
         for reason in r.get("reasons", []):
-            print(f"  {reason}")
+            _emit(f"  {reason}")
     return 0
 
 
@@ -113,11 +124,11 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     a, b = Manifest.load(args.a), Manifest.load(args.b)
     lines = a.diff(b)
     if not lines:
-        print("the manifests agree")
+        _emit("the manifests agree")
         return 0
-    print(f"{len(lines)} difference(s):")
+    _emit(f"{len(lines)} difference(s):")
     for line in lines:
-        print(f"  {line}")
+        _emit(f"  {line}")
     return 1
 
 
@@ -126,14 +137,14 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
     env = environment()
     if args.json:
-        print(json.dumps({"environment": env, "checks": readiness(env)}, indent=2, sort_keys=True))
+        _emit(json.dumps({"environment": env, "checks": readiness(env)}, indent=2, sort_keys=True))
         return 0
-    print("environment")
+    _emit("environment")
     for k, v in sorted(env.items()):
-        print(f"  {k}: {v}")
-    print("\ndeterminism readiness")
+        _emit(f"  {k}: {v}")
+    _emit("\ndeterminism readiness")
     for check in readiness(env):
-        print(f"  [{check['status']}] {check['message']}")
+        _emit(f"  [{check['status']}] {check['message']}")
     return 0
 
 
@@ -177,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command; errors print one line on stderr and return 2, never a traceback."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -184,9 +196,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except _UsageError as exc:
         print(f"{exc} (see 'seedreg --help')", file=sys.stderr)
         return 2
-    except (SeedregError, ValueError, TypeError, OSError) as exc:
+    except BrokenPipeError:
+        # the reader went away (`seedreg show m.json | head`): stop quietly, and keep Python's
+        # own flush at exit from complaining about the closed pipe
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # every failure is one line: the command line is a user interface
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"seedreg: error: {message}", file=sys.stderr)
+        print(f"seedreg: error: {_CONTROL.sub('?', message)}", file=sys.stderr)
         return 2
 
 

@@ -113,6 +113,7 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 def run_demo(out: pathlib.Path, *, master_seed: int = 42, epochs: int = 3, workers: int = 2, echo: Any = print) -> bool:
     """Record a run here, replay it from its manifest in a fresh process; True if the replay's
     verdict is ``bitwise`` (seeds, uses, environment and the final weights all agree)."""
+    out = pathlib.Path(out).resolve()  # absolute: a directory named '-x' is no option to the replay process
     out.mkdir(parents=True, exist_ok=True)
     echo(f"seedreg demo: training TinyCNN on generated data ({epochs} epochs, {workers} workers), master seed {master_seed}")
     original = _run(SeedSession(master_seed), out, "original", epochs, workers)

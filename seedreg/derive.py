@@ -75,15 +75,34 @@ def check_purpose(purpose: object) -> str:
         )
     if not purpose:
         raise ValueError("`purpose` must be a non-empty str such as 'model', got ''.")
+    _check_text("purpose", purpose)
     return purpose
+
+
+#: Int instance ids lie in [-2**255, 2**255): ample for indices and hashes, and bounded so that a
+#: crafted manifest or state cannot ask for a number too long to print.
+ID_INT_BOUND = 2**255
+
+
+def _check_text(name: str, text: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"`{name}` must be valid Unicode text (no lone surrogates), got {text!r:.80}.") from None
 
 
 def check_instance_id(instance_id: object) -> InstanceId:
     """Return `instance_id` if it is None, a str or an int (not a bool; numpy ints become ints), else raise."""
-    if instance_id is None or type(instance_id) is str or type(instance_id) is int:
-        return instance_id  # type: ignore[return-value]
-    as_int = _as_int(instance_id)
+    if instance_id is None:
+        return None
+    if type(instance_id) is str:
+        _check_text("instance_id", instance_id)
+        return instance_id
+    as_int = instance_id if type(instance_id) is int else _as_int(instance_id)
     if as_int is not None and not isinstance(instance_id, str):
+        if not -ID_INT_BOUND <= as_int < ID_INT_BOUND:
+            raise ValueError(f"`instance_id` as an int must lie in [-2**255, 2**255), got an int of {as_int.bit_length()} bits; use a str.")
         return as_int
     raise TypeError(
         f"`instance_id` must be None, a str or an int (not a bool), got {instance_id!r} "

@@ -13,7 +13,8 @@ import json
 import os
 import pathlib
 import re
-import tempfile
+import secrets
+import stat
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import attrs
@@ -21,7 +22,7 @@ import attrs
 from ._version import __version__
 from .derive import SCHEMES, MASTER_SEED_MAX
 from .errors import ManifestError, ManifestWriteError
-from .records import SeedRecord, check_json, differences, record_line, record_to_dict, records_from_list
+from .records import SeedRecord, check_json, differences, record_line, record_to_dict, records_from_list, require
 
 __all__ = ["Manifest", "SCHEMA_VERSION", "FORMAT"]
 
@@ -86,16 +87,6 @@ def _with_checksum(text: str) -> str:
     return "{\n" + f'  "checksum": "{_digest(text)}",\n' + text[2:]
 
 
-def _require(mapping: Mapping[str, Any], key: str, types: Any, where: str) -> Any:
-    if key not in mapping:
-        raise ManifestError(f"{where} is missing {key!r}.")
-    value = mapping[key]
-    allowed = types if isinstance(types, tuple) else (types,)
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in allowed):
-        raise ManifestError(f"{where}[{key!r}] must be {getattr(types, '__name__', types)}, got {type(value).__name__} {value!r:.80}.")
-    return value
-
-
 def _results(data: Any, where: str) -> Tuple[Dict[str, Any], ...]:
     if not isinstance(data, list):
         raise ManifestError(f"{where} must be a list, got {type(data).__name__}.")
@@ -104,11 +95,11 @@ def _results(data: Any, where: str) -> Tuple[Dict[str, Any], ...]:
         w = f"{where}[{i}]"
         if not isinstance(r, Mapping) or set(r) != {"name", "kind", "value"}:
             raise ManifestError(f"{w} must be an object with exactly the keys ['kind', 'name', 'value'].")
-        name = _require(r, "name", str, w)
+        name = require(r, "name", str, w)
         if name in seen:
             raise ManifestError(f"{where} lists result {name!r} twice.")
         seen.add(name)
-        kind = _require(r, "kind", str, w)
+        kind = require(r, "kind", str, w)
         if kind not in _RESULT_KINDS:
             raise ManifestError(f"{w}['kind'] must be one of {list(_RESULT_KINDS)}, got {kind!r:.80}.")
         value = r["value"]
@@ -119,6 +110,60 @@ def _results(data: Any, where: str) -> Tuple[Dict[str, Any], ...]:
         check_json(value, f"{w}['value']")
         out.append({"name": name, "kind": kind, "value": value})
     return tuple(out)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ManifestError(f"manifest holds {name}, which JSON does not allow.")
+
+
+def _no_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ManifestError(f"manifest has the key {dup!r:.60} twice in one object (JSON parsers disagree on which wins).")
+    return out
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_no_duplicates)
+
+
+_RECORDS_OPEN = '\n  "records": [\n'
+_RECORDS_CLOSE = "\n  ]"
+
+
+def _split_records(body: str) -> Tuple[str, Optional[Tuple[int, int]]]:
+    """The body with its records block (as seedreg renders it) replaced by ``[]``, and where the
+    block's lines lie; ``(body, None)`` when the records are not laid out one per line."""
+    i = body.find(_RECORDS_OPEN)
+    if i < 0:
+        return body, None
+    start = i + len(_RECORDS_OPEN)
+    end = body.find(_RECORDS_CLOSE, start)
+    if end < 0:
+        return body, None
+    return body[:i] + '\n  "records": []' + body[end + len(_RECORDS_CLOSE) :], (start, end)
+
+
+def _record_lines(body: str, start: int, end: int, chunk: int = 2048) -> Any:
+    """The records of ``body[start:end]`` (one per line, commas between), parsed `chunk` lines at a
+    time: the JSON tree of all records never exists at once."""
+    pos = start
+    while pos < end:
+        stop = pos
+        for _ in range(chunk):
+            stop = body.find("\n", stop + 1, end)
+            if stop < 0:
+                stop = end
+                break
+        text = body[pos:stop]
+        if stop < end:
+            if not text.endswith(","):
+                raise ManifestError("manifest records are not one per line with commas between.")
+            text = text[:-1]
+        yield from _loads("[" + text + "]")
+        pos = stop + 1
 
 
 def _freeze(value: Mapping[str, Any]) -> Dict[str, Any]:
@@ -201,17 +246,17 @@ class Manifest:
         return cls._validated(data, verify=True)
 
     @classmethod
-    def _validated(cls, data: Any, *, verify: bool) -> "Manifest":
+    def _validated(cls, data: Any, *, verify: bool, records: Optional[Tuple[SeedRecord, ...]] = None) -> "Manifest":
         """:meth:`_from_dict`, with any slip past its checks still reported as a ManifestError."""
         try:
-            return cls._from_dict(data, verify=verify)
+            return cls._from_dict(data, verify=verify, records=records)
         except ManifestError:
             raise
         except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
             raise ManifestError(f"manifest is malformed: {type(exc).__name__}: {exc}") from None
 
     @classmethod
-    def _from_dict(cls, data: Any, *, verify: bool) -> "Manifest":
+    def _from_dict(cls, data: Any, *, verify: bool, records: Optional[Tuple[SeedRecord, ...]] = None) -> "Manifest":
         if not isinstance(data, Mapping):
             raise ManifestError(f"a manifest must be a JSON object, got {type(data).__name__}.")
         if data.get("format") != FORMAT:
@@ -232,28 +277,29 @@ class Manifest:
             missing, extra = sorted(top - {"checksum"} - keys), sorted(map(str, keys - top))
             raise ManifestError(f"manifest fields are wrong: missing {missing}, unexpected {extra}.")
         where = "manifest"
-        master = _require(data, "master_seed", int, where)
+        master = require(data, "master_seed", int, where)
         if not 0 <= master <= MASTER_SEED_MAX:
             raise ManifestError(f"manifest['master_seed'] must be in [0, 2**32 - 1], got {master}.")
-        scheme = _require(data, "scheme", str, where)
+        scheme = require(data, "scheme", str, where)
         if scheme not in SCHEMES:
             raise ManifestError(f"manifest['scheme'] {scheme!r:.80} is unknown; known: {sorted(SCHEMES)}.")
-        world = _require(data, "world_size", int, where)
+        world = require(data, "world_size", int, where)
         if world < 1:
             raise ManifestError(f"manifest['world_size'] must be >= 1, got {world}.")
-        settings = _require(data, "settings", Mapping, where)
+        settings = require(data, "settings", Mapping, where)
         for key in ("deterministic", "warn_only", "fill_uninitialized_memory"):
-            _require(settings, key, bool, "manifest['settings']")
-        applied = _require(data, "applied", Mapping, where)
-        environment = _require(data, "environment", Mapping, where)
+            require(settings, key, bool, "manifest['settings']")
+        applied = require(data, "applied", Mapping, where)
+        environment = require(data, "environment", Mapping, where)
         for name, value in (("settings", settings), ("applied", applied), ("environment", environment)):
             check_json(value, f"manifest[{name!r}]")
-        violations = _require(data, "violations", list, where)
+        violations = require(data, "violations", list, where)
         for i, v in enumerate(violations):
             if not (isinstance(v, Mapping) and set(v) == {"kind", "message"} and all(isinstance(x, str) for x in v.values())):
                 raise ManifestError(f"manifest['violations'][{i}] must be {{'kind': str, 'message': str}}.")
-        records = records_from_list(data["records"], "manifest['records']", schema=version)
-        ranks_data = _require(data, "ranks", list, where)
+        if records is None:
+            records = records_from_list(data["records"], "manifest['records']", schema=version)
+        ranks_data = require(data, "ranks", list, where)
         ranks = tuple(records_from_list(r, f"manifest['ranks'][{i}]", schema=version) for i, r in enumerate(ranks_data))
         if ranks and len(ranks) != world:
             raise ManifestError(f"manifest lists {len(ranks)} ranks but world_size is {world}.")
@@ -274,55 +320,70 @@ class Manifest:
             ranks=ranks,
             replay=replay,
             results=_results(data["results"], "manifest['results']") if version == SCHEMA_VERSION else (),
-            seedreg_version=_require(data, "seedreg_version", str, where),
+            seedreg_version=require(data, "seedreg_version", str, where),
             read_version=version,
         )
 
     @classmethod
     def from_json(cls, text: Union[str, bytes]) -> "Manifest":
-        """Parse and validate a manifest file's text: its checksum line covers every other byte."""
-        if isinstance(text, bytes):
-            try:
-                text = text.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ManifestError(f"manifest is not UTF-8 text: {exc}.") from None
-        if not text.strip():
+        """Parse and validate a manifest file's text: its checksum line covers every other byte.
+
+        The records, one per line, are parsed line by line, so that loading holds a few times the
+        file's size at the peak, not the whole JSON tree at once. Duplicate keys are refused.
+        """
+        data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
+        if not data.strip():
             raise ManifestError("manifest is empty.")
-
-        def _no_constants(name: str) -> None:
-            raise ManifestError(f"manifest holds {name}, which JSON does not allow.")
-
-        lines = text.split("\n", 2)
-        match = _CHECKSUM_LINE.match(lines[1]) if len(lines) == 3 and lines[0] == "{" else None
+        first = data.find(b"\n")
+        second = data.find(b"\n", first + 1)
+        match = _CHECKSUM_LINE.match(data[first + 1 : second].decode("ascii", "replace")) if data[:first] == b"{" and second > 0 else None
         if match is None:
-            raise ManifestError("manifest has no checksum on its second line: it was not written by seedreg, or was reformatted.")
-        if _digest("{\n" + lines[2]) != match.group(1):
+            raise ManifestError(
+                "manifest has no checksum on its second line: it is not a seedreg manifest, or was reformatted "
+                "(seedreg writes one record per line with the checksum on line 2; reformatting breaks it)."
+            )
+        digest = hashlib.sha256(b"{\n")
+        digest.update(memoryview(data)[second + 1 :])
+        if "sha256:" + digest.hexdigest() != match.group(1):
             raise ManifestError("manifest checksum does not match its content: the file was edited, truncated or damaged.")
         try:
-            data = json.loads(text, parse_constant=_no_constants)
+            body = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ManifestError(f"manifest is not UTF-8 text: {exc}.") from None
+        del data
+        rest, lines = _split_records(body)
+        try:
+            parsed = _loads(rest)
+            records = None
+            if lines is not None:
+                if parsed.get("records") != []:
+                    raise ManifestError("manifest lists 'records' twice.")
+                version = parsed.get("schema_version")
+                records = records_from_list(_record_lines(body, *lines), "manifest['records']", schema=version if version in READABLE_VERSIONS else SCHEMA_VERSION)
         except RecursionError:
             raise ManifestError("manifest is nested too deeply.") from None
+        except ManifestError:
+            raise
         except ValueError as exc:  # JSONDecodeError, and ints past Python's digit limit
             raise ManifestError(f"manifest is not valid JSON (truncated or damaged?): {exc}.") from None
-        return cls._validated(data, verify=False)
+        except (TypeError, KeyError, AttributeError) as exc:
+            raise ManifestError(f"manifest is malformed: {type(exc).__name__}: {exc}") from None
+        return cls._validated(parsed, verify=False, records=records)
 
     # -- files -----------------------------------------------------------------------------------
 
     @classmethod
     def load(cls, path: PathLike) -> "Manifest":
-        """Read and validate a manifest file. A damaged file is refused whole, never half-read."""
+        """Read and validate a manifest file. A damaged file is refused whole, never half-read.
+
+        Only a regular file is read (a FIFO, a device or ``/dev/zero`` is refused at once), and at
+        most ``MAX_BYTES`` of it.
+        """
         path = pathlib.Path(path)
         try:
-            size = path.stat().st_size
-            if size > MAX_BYTES:
-                raise ManifestError(f"{path} is {size} bytes; a manifest is at most {MAX_BYTES}.")
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise ManifestError(f"no manifest at {path}: the file does not exist.") from None
-        except IsADirectoryError:
-            raise ManifestError(f"{path} is a directory, not a manifest file.") from None
-        except OSError as exc:
-            raise ManifestError(f"cannot read manifest {path}: {exc.strerror or exc}.") from None
+            data = read_regular_file(path, MAX_BYTES)
+        except ManifestError as exc:
+            raise ManifestError(f"{path}: {exc}") from None
         try:
             return cls.from_json(data)
         except ManifestError as exc:
@@ -378,13 +439,88 @@ class Manifest:
         return out
 
 
+def read_regular_file(path: pathlib.Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; anything else is a ManifestError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise ManifestError("no manifest there: the file does not exist") from None
+    except IsADirectoryError:
+        raise ManifestError("is a directory, not a manifest file") from None
+    except OSError as exc:
+        raise ManifestError(f"cannot open it: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ManifestError("is a directory, not a manifest file")
+        if not stat.S_ISREG(info.st_mode):
+            raise ManifestError("is not a regular file (a pipe, socket or device); seedreg reads manifests from files only")
+        if info.st_size > limit:
+            raise ManifestError(f"is {info.st_size} bytes; a manifest is at most {limit}")
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, min(1 << 24, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise ManifestError(f"grew past {limit} bytes while being read")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ManifestError(f"cannot read it: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+def _temp_prefix(path: pathlib.Path) -> str:
+    # short whatever the target's name (a 255-byte name still works), and the same for every
+    # writer of this target, so that a later dump finds the leftovers of a killed one
+    return "." + hashlib.sha256(path.name.encode("utf-8", "surrogatepass")).hexdigest()[:12] + "."
+
+
+def _remove_stale_temps(directory: pathlib.Path, prefix: str) -> None:
+    """Remove temporary files of this target left by writers that no longer run (a SIGKILL mid-dump)."""
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        try:
+            pid = int(name[len(prefix):].split(".", 1)[0])
+            os.kill(pid, 0)
+            continue  # its writer is alive (maybe another process dumping right now)
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError, OSError):
+            continue
+        try:
+            os.unlink(directory / name)
+        except OSError:
+            pass
+
+
 def atomic_write(path: pathlib.Path, payload: bytes) -> pathlib.Path:
-    """Write `payload` to `path` so that readers see the old file or the new one, never a mix."""
+    """Write `payload` to `path` so that readers see the old file or the new one, never a mix.
+
+    Missing parent directories are created. A new file gets the usual permissions (0666 less the
+    umask); an existing file keeps its mode.
+    """
     directory = path.parent if str(path.parent) else pathlib.Path(".")
     tmp_name = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        prefix = _temp_prefix(path)
+        _remove_stale_temps(directory, prefix)
+        try:
+            mode: Optional[int] = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = None
+        tmp_name = str(directory / f"{prefix}{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
         with os.fdopen(fd, "wb") as fh:
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)
             fh.write(payload)
             fh.flush()
             os.fsync(fh.fileno())
@@ -404,7 +540,7 @@ def atomic_write(path: pathlib.Path, payload: bytes) -> pathlib.Path:
     except OSError as exc:
         raise ManifestWriteError(
             f"cannot write {path}: {exc.strerror or exc}; the previous file (if any) is untouched. "
-            f"Check that the directory exists, is writable and has space."
+            f"Check that the directory is writable and has space."
         ) from None
     finally:
         if tmp_name is not None:

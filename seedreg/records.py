@@ -17,16 +17,17 @@ a log holding those details at the last use.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import attrs
 
-from .derive import InstanceId
+from .derive import InstanceId, check_instance_id, check_purpose
 from .errors import ManifestError
 
-__all__ = ["KINDS", "Use", "SeedRecord", "record_to_dict", "record_from_dict", "records_from_list", "record_line", "check_json"]
+__all__ = ["KINDS", "Use", "SeedRecord", "record_to_dict", "record_from_dict", "records_from_list", "record_line", "check_json", "require"]
 
 #: How a use asked for a seed.
 KINDS = (
@@ -35,6 +36,7 @@ KINDS = (
 _KIND_SET = frozenset(KINDS)
 _MAX_DEPTH = 32
 _SEED_LIMIT = 1 << 64
+_ID_BOUND = 2**255
 
 
 @attrs.frozen(kw_only=True)
@@ -148,7 +150,8 @@ def record_line(r: Any) -> str:
 
 # -- from JSON ----------------------------------------------------------------------------------
 
-def _require(mapping: Mapping[str, Any], key: str, types: Any, where: str) -> Any:
+def require(mapping: Mapping[str, Any], key: str, types: Any, where: str) -> Any:
+    """``mapping[key]`` if present and of `types` (a bool is not an int unless bool is listed)."""
     if key not in mapping:
         raise ManifestError(f"{where} is missing {key!r}.")
     value = mapping[key]
@@ -167,14 +170,14 @@ def _log_from_list(data: Any, uses: int, where: str) -> Tuple[Use, ...]:
         w = f"{where}[{i}]"
         if not isinstance(d, Mapping) or set(d) != {"use", "kind", "details"}:
             raise ManifestError(f"{w} must be an object with exactly the keys ['details', 'kind', 'use'].")
-        number = _require(d, "use", int, w)
+        number = require(d, "use", int, w)
         if not last < number <= uses:
             raise ManifestError(f"{w}['use'] is {number}; use numbers must increase and lie in [1, {uses}] (the record's uses).")
         last = number
-        kind = _require(d, "kind", str, w)
+        kind = require(d, "kind", str, w)
         if kind not in _KIND_SET:
             raise ManifestError(f"{w}['kind'] must be one of {list(KINDS)}, got {kind!r:.80}.")
-        details = _require(d, "details", Mapping, w)
+        details = require(d, "details", Mapping, w)
         check_json(details, f"{w}['details']")
         out.append(Use(use=number, kind=kind, details=details))
     return tuple(out)
@@ -188,23 +191,28 @@ def record_from_dict(data: Any, where: str, *, schema: int = 2) -> SeedRecord:
     keys = set(data)
     if keys != fields:
         raise ManifestError(f"{where} must have exactly the keys {sorted(fields)}, got {sorted(map(str, keys))}.")
-    purpose = _require(data, "purpose", str, where)
+    purpose = require(data, "purpose", str, where)
     if not purpose:
         raise ManifestError(f"{where}['purpose'] is empty.")
     instance_id = data["instance_id"]
     if not (instance_id is None or type(instance_id) in (str, int)):
         raise ManifestError(f"{where}['instance_id'] must be null, a string or an int, got {instance_id!r:.80}.")
-    seed = _require(data, "seed", int, where)
+    try:
+        check_purpose(purpose)
+        check_instance_id(instance_id)
+    except ValueError as exc:
+        raise ManifestError(f"{where}: {exc}") from None
+    seed = require(data, "seed", int, where)
     if not 0 <= seed < _SEED_LIMIT:
         raise ManifestError(f"{where}['seed'] must be in [0, 2**64), got {seed}.")
-    kind = _require(data, "kind", str, where)
+    kind = require(data, "kind", str, where)
     if kind not in _KIND_SET:
         raise ManifestError(f"{where}['kind'] must be one of {list(KINDS)}, got {kind!r:.80}.")
-    uses = _require(data, "uses", int, where)
+    uses = require(data, "uses", int, where)
     if uses < 1:
         raise ManifestError(f"{where}['uses'] must be >= 1, got {uses}.")
     if schema == 1:
-        details = _require(data, "details", Mapping, where)
+        details = require(data, "details", Mapping, where)
         check_json(details, f"{where}['details']")
         log: Tuple[Use, ...] = (Use(use=uses, kind=kind, details=details),) if details else ()
     else:
@@ -213,8 +221,9 @@ def record_from_dict(data: Any, where: str, *, schema: int = 2) -> SeedRecord:
 
 
 def records_from_list(data: Any, where: str, *, schema: int = 2) -> Tuple[SeedRecord, ...]:
-    """Validate a list of records (no key twice) and build them; the common shape takes a fast path."""
-    if not isinstance(data, list):
+    """Validate a list (or a generator) of records, no key twice, and build them; the common shape
+    takes a fast path."""
+    if not isinstance(data, list) and not inspect.isgenerator(data):
         raise ManifestError(f"{where} must be a list, got {type(data).__name__}.")
     out = []
     seen = set()
@@ -229,9 +238,11 @@ def records_from_list(data: Any, where: str, *, schema: int = 2) -> Tuple[SeedRe
         if (
             type(purpose) is not str
             or not purpose
-            or not (iid is None or type(iid) is str or type(iid) is int)
+            or not purpose.isascii()
+            or not (iid is None or type(iid) is str and iid.isascii() or type(iid) is int and -_ID_BOUND <= iid < _ID_BOUND)
             or type(seed) is not int
             or not 0 <= seed < _SEED_LIMIT
+            or type(kind) is not str
             or kind not in kinds
             or type(uses) is not int
             or uses < 1

@@ -111,6 +111,18 @@ class Replay:
                 hint = " (same class and size: does the factory draw from an unseeded source?)"
             self._mismatch(key, number, field, a, b, f"{_show(key)} use {number}: {field} is {b!r} but the manifest recorded {a!r}{hint}")
 
+    def check_state(self, records: Iterable[SeedRecord]) -> None:
+        """A resume state's records: each recorded with the same seed (strict: and no more uses)."""
+        for r in records:
+            recorded = self.expected.get(_typed(r.key))
+            if recorded is None:
+                if self.strict:
+                    raise ReplayMismatchError(f"the state holds {_show(r.key)}, which the recorded run never issued")
+            elif recorded.seed != r.seed:
+                raise ReplayMismatchError(f"the state gives {_show(r.key)} seed {r.seed} but the manifest recorded {recorded.seed}")
+            elif self.strict and r.uses > recorded.uses:
+                raise ReplayMismatchError(f"the state has {r.uses} uses of {_show(r.key)} but the recorded run made {recorded.uses}")
+
     def _mismatch(self, key: Key, number: int, field: str, recorded: Any, current: Any, message: str) -> None:
         self.mismatches.append({
             "purpose": key[0], "instance_id": key[1], "use": number, "field": field,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import random
 import struct
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -133,6 +134,7 @@ class Fork:
 # -- global state as JSON ---------------------------------------------------------------------------
 
 _PY_WORDS = 625  # 624 Mersenne Twister words and the position
+_PY_VERSION = random.getstate()[0]  # 3 on every CPython since 3.2
 _WORDS = struct.Struct(f"<{_PY_WORDS}I")
 
 
@@ -179,66 +181,96 @@ def _torch_state_length() -> int:
 
 
 def decode_global(state: object) -> Dict[str, Any]:
-    """Validate a state from :func:`capture_global` and turn it into restorable objects."""
+    """Validate a state from :func:`capture_global` whole and turn it into restorable objects.
+
+    Each generator's state is loaded into a scratch generator of the same kind (so a state its own
+    library would refuse is refused here, before anything changes), numbers are bounded, and a
+    degenerate all-zero Mersenne Twister (which draws zeros forever, or spins in numpy's
+    ``randn``) is refused. CUDA states need the devices they name.
+    """
     where = "rng state"
     if not isinstance(state, Mapping):
         raise StateError(f"{where} must be a dict, got {type(state).__name__}.")
     py = _field(state, "python", Mapping, where)
     version = _field(py, "version", int, "rng state['python']")
+    if version != _PY_VERSION:
+        raise StateError(f"rng state['python']['version'] must be {_PY_VERSION} (python's random), got {version!r:.40}.")
     words = np.frombuffer(
         b64decode(_field(py, "words", str, "rng state['python']"), length=_PY_WORDS * 4, what="rng state['python']['words']"),
         dtype="<u4",
     )
     gauss = py.get("gauss_next")
-    if gauss is not None and (isinstance(gauss, bool) or not isinstance(gauss, (int, float))):
-        raise StateError("rng state['python']['gauss_next'] must be a float or None.")
+    if gauss is not None and (type(gauss) is not float or not math.isfinite(gauss)):
+        raise StateError("rng state['python']['gauss_next'] must be a finite float or None.")
     if int(words[-1]) > 624:
         raise StateError("rng state['python'] has an index past 624: the state is corrupt.")
+    if not words[:624].any():
+        raise StateError("rng state['python'] is all zeros, a degenerate Mersenne Twister state: the state is corrupt.")
+    python_state = (version, tuple(words.tolist()), gauss)
+    try:
+        random.Random().setstate(python_state)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise StateError(f"rng state['python'] was refused by random.setstate: {exc}.") from None
     npst = _field(state, "numpy", Mapping, where)
     kind = _field(npst, "kind", str, "rng state['numpy']")
     if kind != "MT19937":
-        raise StateError(f"rng state['numpy']['kind'] must be 'MT19937', got {kind!r}.")
+        raise StateError(f"rng state['numpy']['kind'] must be 'MT19937', got {kind!r:.40}.")
     keys = np.frombuffer(
         b64decode(_field(npst, "keys", str, "rng state['numpy']"), length=624 * 4, what="rng state['numpy']['keys']"),
         dtype="<u4",
     ).astype(np.uint32)
+    if not keys.any():
+        raise StateError("rng state['numpy']['keys'] are all zeros, a degenerate Mersenne Twister state: the state is corrupt.")
     pos = _field(npst, "pos", int, "rng state['numpy']")
     if not 0 <= pos <= 624:
-        raise StateError(f"rng state['numpy']['pos'] must be in [0, 624], got {pos}.")
+        raise StateError(f"rng state['numpy']['pos'] must be in [0, 624], got {pos!r:.40}.")
     has_gauss = _field(npst, "has_gauss", int, "rng state['numpy']")
+    if has_gauss not in (0, 1):
+        raise StateError(f"rng state['numpy']['has_gauss'] must be 0 or 1, got {has_gauss!r:.40}.")
     cached = _field(npst, "cached_gaussian", (int, float), "rng state['numpy']")
-    cpu = b64decode(_field(state, "torch", str, where), length=_torch_state_length(), what="rng state['torch']")
+    if type(cached) is int and abs(cached) > 2**53 or type(cached) is float and not math.isfinite(cached):
+        raise StateError(f"rng state['numpy']['cached_gaussian'] must be a finite float, got {cached!r:.40}.")
+    numpy_state = ("MT19937", keys, pos, has_gauss, float(cached))
+    try:
+        np.random.RandomState().set_state(numpy_state)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise StateError(f"rng state['numpy'] was refused by numpy: {exc}.") from None
+    cpu = torch.frombuffer(
+        bytearray(b64decode(_field(state, "torch", str, where), length=_torch_state_length(), what="rng state['torch']")), dtype=torch.uint8
+    )
+    _check_torch_state(torch.Generator(), cpu, "rng state['torch']")
     cuda = _field(state, "cuda", Mapping, where)
     cuda_states = {}
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for dev, text in cuda.items():
-        if not (isinstance(dev, str) and dev.isdigit()):
-            raise StateError(f"rng state['cuda'] keys must be device indices, got {dev!r}.")
-        cuda_states[int(dev)] = b64decode(text, length=None, what=f"rng state['cuda'][{dev!r}]")
-    return {
-        "python": (version, tuple(words.tolist()), gauss),
-        "numpy": ("MT19937", keys, pos, has_gauss, float(cached)),
-        "torch": torch.frombuffer(bytearray(cpu), dtype=torch.uint8),
-        "cuda": cuda_states,
-    }
+        if not (isinstance(dev, str) and dev.isdigit() and len(dev) <= 4):
+            raise StateError(f"rng state['cuda'] keys must be device indices, got {dev!r:.40}.")
+        if int(dev) >= visible:
+            raise StateError(
+                f"the state holds a CUDA generator for device {int(dev)} but this process sees {visible} CUDA "
+                f"device(s); resume on a machine with the devices the run used."
+            )
+        length = torch.cuda.get_rng_state(int(dev)).numel()
+        data = torch.frombuffer(bytearray(b64decode(text, length=length, what=f"rng state['cuda'][{dev!r}]")), dtype=torch.uint8)
+        _check_torch_state(torch.Generator(device=f"cuda:{int(dev)}"), data, f"rng state['cuda'][{dev!r}]")
+        cuda_states[int(dev)] = data
+    return {"python": python_state, "numpy": numpy_state, "torch": cpu, "cuda": cuda_states}
+
+
+def _check_torch_state(scratch: torch.Generator, data: torch.Tensor, what: str) -> None:
+    """Load `data` into `scratch` (refusing what torch refuses) and refuse a state that draws zeros."""
+    try:
+        scratch.set_state(data)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise StateError(f"{what} was refused by torch: {str(exc).splitlines()[0]}.") from None
+    if scratch.device.type == "cpu" and not torch.randint(0, 2**62, (4,), generator=scratch).any():
+        raise StateError(f"{what} draws only zeros (an all-zero Mersenne Twister): the state is corrupt.")
 
 
 def restore_global(decoded: Mapping[str, Any]) -> None:
-    """Put back a state decoded by :func:`decode_global`."""
-    try:
-        random.setstate(decoded["python"])
-    except (TypeError, ValueError) as exc:
-        raise StateError(f"rng state['python'] was refused by random.setstate: {exc}.") from None
+    """Put back a state decoded (and so validated) by :func:`decode_global`."""
+    random.setstate(decoded["python"])
     np.random.set_state(decoded["numpy"])
     _default_generator.set_state(decoded["torch"])
-    cuda: Dict[int, bytes] = decoded["cuda"]
-    if cuda:
-        if not torch.cuda.is_available() or max(cuda) >= torch.cuda.device_count():
-            raise StateError(
-                f"the state holds CUDA generators for devices {sorted(cuda)} but this process sees "
-                f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} CUDA devices."
-            )
-        for dev, data in cuda.items():
-            expected = torch.cuda.get_rng_state(dev).numel()
-            if len(data) != expected:
-                raise StateError(f"rng state['cuda']['{dev}'] must be {expected} bytes, got {len(data)}.")
-            torch.cuda.set_rng_state(torch.frombuffer(bytearray(data), dtype=torch.uint8), dev)
+    for dev, data in decoded["cuda"].items():
+        torch.cuda.set_rng_state(data, dev)

@@ -21,6 +21,7 @@ from .errors import StateError
 __all__ = ["DeterministicSampler"]
 
 _EPOCH_STREAM = 0x5EED_0001
+_EPOCH_MAX = 2**63 - 1
 
 
 def _check_int(name: str, value: object, low: int, high: Optional[int] = None) -> int:
@@ -201,8 +202,8 @@ class DeterministicSampler(Sampler[int]):
                 )
         for key in ("epoch", "position"):
             value = state[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise StateError(f"sampler state[{key!r}] must be an int >= 0, got {value!r}.")
+            if type(value) is not int or not 0 <= value <= _EPOCH_MAX:
+                raise StateError(f"sampler state[{key!r}] must be an int in [0, 2**63 - 1], got {value!r:.40}.")
         if state["position"] > self.num_samples:
             raise StateError(f"sampler state['position'] is {state['position']} but an epoch holds {self.num_samples} samples.")
         if not isinstance(state["exhausted"], bool):

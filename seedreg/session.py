@@ -26,7 +26,7 @@ from .errors import ReplayMismatchError, SeedregError, StateError
 from .fingerprint import fingerprint, result_entry
 from .manifest import Manifest, PathLike
 from .records import SeedRecord, record_from_dict, record_to_dict
-from .registry import _ID_TYPES, Registry, _Entry
+from .registry import Registry
 from .replay import Replay
 from .rng import Fork, capture_global, decode_global, restore_global, seed_globals
 from .sampler import DeterministicSampler, subset_indices
@@ -183,11 +183,7 @@ class SeedSession:
 
     def seed(self, purpose: str, instance_id: InstanceId = None) -> int:
         """The seed of (purpose, instance_id): derived once, memoized; every call is a recorded use."""
-        entry = self._registry.fast.get((purpose, instance_id))
-        if type(entry) is _Entry and entry.kind == "seed" and type(instance_id) in _ID_TYPES:
-            entry.uses += 1
-            return entry.seed
-        return self._registry.use(purpose, instance_id, "seed")[0]
+        return self._registry.get(purpose, instance_id, "seed")
 
     def _seed(self, purpose: str, instance_id: InstanceId, kind: str) -> int:
         return self._registry.get(purpose, instance_id, kind)
@@ -593,6 +589,11 @@ class SeedSession:
         except SeedregError as exc:
             raise StateError(str(exc)) from None
         memo = self._registry.memo_from_records(records)
+        if self._replay is not None and registry:
+            try:
+                self._replay.check_state(records)
+            except ReplayMismatchError as exc:
+                raise StateError(f"`state` does not belong to the run being replayed: {exc}") from None
         rng = decode_global(state["rng"])
         pairs = self._match_loaders(state["loaders"], version)
         snapshots = [(loader, loader.state_dict()) for loader, _ in pairs]

@@ -136,9 +136,14 @@ class TestAtomicWrite:
         assert p.read_bytes() == before
         assert sorted(os.listdir(tmp_path)) == ["m.json"]
 
-    def test_missing_directory(self, tmp_path):
-        with pytest.raises(ManifestWriteError, match="directory exists"):
-            SeedSession(1).dump(tmp_path / "no" / "m.json")
+    def test_missing_directories_are_created(self, tmp_path):
+        path = SeedSession(1).dump(tmp_path / "runs" / "exp1" / "m.json")
+        assert Manifest.load(path).master_seed == 1
+
+    def test_parent_that_is_a_file(self, tmp_path):
+        (tmp_path / "file").write_text("x")
+        with pytest.raises(ManifestWriteError, match="directory is writable"):
+            SeedSession(1).dump(tmp_path / "file" / "m.json")
 
 
 class TestDiff:
