@@ -40,7 +40,15 @@ _sha256 = hashlib.sha256
 _from_bytes = int.from_bytes
 
 
-def _seeded_fetch(dataset: Any, seed: int, epoch: int, indices: List[int]) -> List[Any]:
+#: Stream versions of what a loader installs in the global generators. 1 (seedreg 0.1.0): torch's
+#: per-example and per-worker seeds were full 64-bit (a dataset returning ``torch.initial_seed()``
+#: then broke default collation) and per-worker seeds ignored the rank. 2: seeds below 2**63, as
+#: torch keeps its own, and per-worker seeds keyed by rank. A replay of a 0.1.0 manifest uses 1.
+STREAMS = 2
+_TORCH_SEED_MASK = {1: (1 << 64) - 1, 2: (1 << 63) - 1}
+
+
+def _seeded_fetch(dataset: Any, seed: int, epoch: int, indices: List[int], mask: int = _TORCH_SEED_MASK[STREAMS]) -> List[Any]:
     """Fetch `indices`, seeding random, numpy and torch before each from a hash of
     (seed, epoch, index): three slices of one SHA-256 (the hot loop of per-example streams)."""
     out = []
@@ -51,7 +59,7 @@ def _seeded_fetch(dataset: Any, seed: int, epoch: int, indices: List[int]) -> Li
         d = sha(pack(_EXAMPLE_STREAM, seed, epoch, i)).digest()
         py_seed(from_bytes(d[0:8], "little"))
         np_seed(from_bytes(d[8:12], "little"))
-        torch_seed(from_bytes(d[16:24], "little"))
+        torch_seed(from_bytes(d[16:24], "little") & mask)
         append(dataset[i])
     return out
 
@@ -64,17 +72,20 @@ class ExampleSeededDataset(torch.utils.data.Dataset):
     dataset), each example comes back as ``(example, weight)``, 1.0 where kept and 0.0 where not.
     """
 
-    def __init__(self, dataset: Any, seed: int, *, per_example: bool = True, weights: Optional[np.ndarray] = None) -> None:
+    def __init__(
+        self, dataset: Any, seed: int, *, per_example: bool = True, weights: Optional[np.ndarray] = None, streams: int = STREAMS
+    ) -> None:
         self.dataset = dataset
         self.seed = seed
         self.per_example = per_example
+        self._mask = _TORCH_SEED_MASK[streams]
         self.weights = weights
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("dataset", "seed", "per_example", "weights") or name.startswith("__"):
+        if name in ("dataset", "seed", "per_example", "weights", "_mask") or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
@@ -84,10 +95,10 @@ class ExampleSeededDataset(torch.utils.data.Dataset):
             getitems = getattr(dataset, "__getitems__", None)
             return list(getitems(indices)) if getitems else [dataset[i] for i in indices]
         if get_worker_info() is not None:
-            return _seeded_fetch(dataset, self.seed, epoch, indices)
+            return _seeded_fetch(dataset, self.seed, epoch, indices, self._mask)
         py, npst, cpu = random.getstate(), np.random.get_state(), _default_generator.get_state()
         try:
-            return _seeded_fetch(dataset, self.seed, epoch, indices)
+            return _seeded_fetch(dataset, self.seed, epoch, indices, self._mask)
         finally:
             random.setstate(py)
             np.random.set_state(npst)
@@ -109,18 +120,30 @@ class ExampleSeededDataset(torch.utils.data.Dataset):
 
 
 class _WorkerInit:
-    """Seeds a worker from (loader seed, epoch, worker id), then runs the user's worker_init_fn."""
+    """Seeds a worker from (loader seed, epoch, rank, worker id), shows the user's dataset (not
+    seedreg's wrapper) in ``get_worker_info().dataset``, then runs the user's worker_init_fn."""
 
-    def __init__(self, seed: int, user_fn: Optional[Callable[[int], None]]) -> None:
+    def __init__(self, seed: int, user_fn: Optional[Callable[[int], None]], *, rank: int = 0, streams: int = STREAMS) -> None:
         self.seed = seed
         self.epoch = 0
+        self.rank = rank
+        self.streams = streams
         self.user_fn = user_fn
 
+    def worker_seed(self, worker_id: int) -> int:
+        if self.streams == 1:
+            return mix_seed(_WORKER_STREAM, self.seed, self.epoch, worker_id)
+        return mix_seed(_WORKER_STREAM, self.seed, self.epoch, self.rank, worker_id) & _TORCH_SEED_MASK[2]
+
     def __call__(self, worker_id: int) -> None:
-        s = mix_seed(_WORKER_STREAM, self.seed, self.epoch, worker_id)
+        s = self.worker_seed(worker_id)
         random.seed(s)
         seed_numpy_global(s)
         _default_generator.manual_seed(s)
+        info = get_worker_info()
+        if info is not None and isinstance(info.dataset, ExampleSeededDataset):
+            # WorkerInfo is frozen; this copy lives in this worker only
+            object.__setattr__(info, "dataset", info.dataset.dataset)
         if self.user_fn is not None:
             self.user_fn(worker_id)
 
@@ -206,6 +229,11 @@ class SeededDataLoader(DataLoader):
 
     Built by ``SeedSession.build_dataloader``; ``.sampler`` is its :class:`DeterministicSampler`.
     ``set_epoch``, ``state_dict`` and ``load_state_dict`` work as in PyTorch.
+
+    With per-example streams a batch is fetched one example at a time, even when the dataset has
+    ``__getitems__``: each example's streams are seeded right before it is fetched, which a bulk
+    fetch (drawing for many examples at once) cannot honour. With ``seed_per_example=False`` the
+    dataset's ``__getitems__`` is used.
     """
 
     def __init__(
@@ -220,20 +248,26 @@ class SeededDataLoader(DataLoader):
         seed_per_example: bool = True,
         weights: Optional[np.ndarray] = None,
         worker_init_fn: Optional[Callable[[int], None]] = None,
+        streams: int = STREAMS,
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("in_order", True) is not True:
+            raise ValueError(
+                "`in_order=False` is not supported: batches would arrive out of order, so neither the order a "
+                "replay checks nor the position a resume continues from would be defined. Leave in_order=True."
+            )
         self._instance_id = instance_id
         self._use = 1  # which use of ("dataloader", instance_id) built it: the session sets it
         self._before_batch: Optional[Callable[[], None]] = None
         self._plan: Optional[Tuple[int, List[int]]] = None
-        wrapped = ExampleSeededDataset(dataset, seed, per_example=seed_per_example, weights=weights)
+        wrapped = ExampleSeededDataset(dataset, seed, per_example=seed_per_example, weights=weights, streams=streams)
         super().__init__(
             wrapped,
             batch_size=batch_size,
             sampler=sampler,
             drop_last=drop_last,
             generator=torch.Generator(),
-            worker_init_fn=_WorkerInit(seed, worker_init_fn),
+            worker_init_fn=_WorkerInit(seed, worker_init_fn, rank=sampler.rank, streams=streams),
             **kwargs,
         )
 

@@ -11,12 +11,13 @@ import binascii
 import math
 import random
 import struct
+import threading
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .errors import StateError
+from .errors import SeedregError, StateError
 
 __all__ = ["Fork", "capture_global", "restore_global", "seed_globals", "cuda_devices_in_use"]
 
@@ -68,6 +69,33 @@ def seed_globals(seed: int, *, cuda: bool = True) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+# The global generators are process-wide: two threads seeding and restoring them at once would swap
+# each other's streams. The thread inside a fork (or a builder, or a scope) owns them until it leaves.
+_owner_lock = threading.Lock()
+_owner: List[Any] = [None, 0]  # [thread id, depth]
+
+
+def _claim() -> None:
+    me = threading.get_ident()
+    with _owner_lock:
+        if _owner[0] is not None and _owner[0] != me:
+            raise SeedregError(
+                "another thread is inside a seedreg fork, scope or builder: the global generators (python, "
+                "numpy, torch) are process-wide, so two threads seeding them at once would swap each other's "
+                "streams. Build models and enter forks from one thread at a time, or give each thread its own "
+                "session.generator(...) / numpy_rng(...) stream."
+            )
+        _owner[0] = me
+        _owner[1] += 1
+
+
+def _release() -> None:
+    with _owner_lock:
+        _owner[1] -= 1
+        if _owner[1] <= 0:
+            _owner[0], _owner[1] = None, 0
+
+
 class Fork:
     """Seed the global generators for a block and put them back as they were afterwards.
 
@@ -98,6 +126,7 @@ class Fork:
     def __enter__(self) -> int:
         if not self.enabled:
             return self.seed
+        _claim()
         seed = self.seed
         self._cpu = _default_generator.get_state()
         devices = self.devices
@@ -121,14 +150,17 @@ class Fork:
     def __exit__(self, *exc: Any) -> None:
         if not self.enabled:
             return
-        _default_generator.set_state(self._cpu)
-        if self._cuda is not None:
-            for d, state in self._cuda:
-                torch.cuda.set_rng_state(state, d)
-        if self.python:
-            random.setstate(self._py)
-        if self.numpy:
-            np.random.set_state(self._np)
+        try:
+            _default_generator.set_state(self._cpu)
+            if self._cuda is not None:
+                for d, state in self._cuda:
+                    torch.cuda.set_rng_state(state, d)
+            if self.python:
+                random.setstate(self._py)
+            if self.numpy:
+                np.random.set_state(self._np)
+        finally:
+            _release()
 
 
 # -- global state as JSON ---------------------------------------------------------------------------

@@ -165,9 +165,14 @@ class DeterministicSampler(Sampler[int]):
         return indices[start:] if start else indices
 
     def __iter__(self) -> Iterator[int]:
+        """The rest of the epoch's indices; ``position`` counts each one as it is yielded (a
+        seedreg loader instead counts what the training loop consumed, not what was prefetched)."""
         indices = self.begin_epoch()
-        yield from indices
-        self.position = self.num_samples
+        position = self.position
+        for i in indices:
+            position += 1
+            self.position = position
+            yield i
         self._exhausted = True
 
     # -- state ---------------------------------------------------------------------------------

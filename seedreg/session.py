@@ -19,7 +19,7 @@ import torch
 
 from . import distributed as _dist
 from .attribution import make_subset_mask, mask_digest
-from .data import SeededDataLoader
+from .data import STREAMS, SeededDataLoader
 from .derive import DEFAULT_SCHEME, InstanceId, check_instance_id, check_master_seed, check_scheme
 from .determinism import DeterminismSettings, ViolationLog, apply_settings, environment
 from .errors import ReplayMismatchError, SeedregError, StateError
@@ -392,6 +392,8 @@ class SeedSession:
                 weights = mask
             else:
                 sampler_subset = kept
+        # a replay of a 0.1.0 manifest installs 0.1.0's streams (full 64-bit torch seeds)
+        streams = 1 if self._replay is not None and self._replay.legacy else STREAMS
         seed, use = self._registry.use("dataloader", instance_id, "dataloader")
         sampler = DeterministicSampler(
             size, shuffle=shuffle, seed=seed, num_replicas=self.world_size, rank=self.rank, drop_last=drop_last, subset=sampler_subset
@@ -406,6 +408,7 @@ class SeedSession:
             seed_per_example=seed_per_example,
             weights=weights,
             num_workers=num_workers,
+            streams=streams,
             **dataloader_kwargs,
         )
         loader._use = use
@@ -420,6 +423,7 @@ class SeedSession:
             "subset_digest": digest,
             "subset_mode": None if subset is None else subset_mode,
             "world_size": self.world_size,
+            "streams": streams,
         }
         # With per-example streams the number of workers changes nothing a replay could see.
         self._registry.detail("dataloader", instance_id, use, details, ignore=("num_workers",) if seed_per_example else ())
