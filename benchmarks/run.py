@@ -295,6 +295,45 @@ def bench_memory(t: Table, q: bool) -> None:
     t.add(f"registry memory ({count:,} records, ids included)", per, None, "<= 300 bytes a record", per <= 300, note=f"{per:.0f} bytes")
 
 
+def bench_study(t: Table, q: bool, tmp: str) -> None:
+    """A study's per-model overhead (no training) against drawing the mask with numpy and writing
+    the two rows by hand; then the audit of a whole study."""
+    from seedreg import Study
+
+    examples = 5_000 if q else 50_000
+    models = 200 if q else 10_000
+    rounds, per = (3, 10) if q else (7, 40)
+    study = Study(os.path.join(tmp, "study"), master_seed=1, num_models=models, num_examples=examples, alpha=0.5, num_outputs=10)
+    out = np.zeros(10, np.float32)
+    masks = np.lib.format.open_memmap(os.path.join(tmp, "masks.npy"), mode="w+", dtype=bool, shape=(models, examples))
+    outputs = np.lib.format.open_memmap(os.path.join(tmp, "outputs.npy"), mode="w+", dtype=np.float32, shape=(models, 10))
+    ids = iter(range(models))
+
+    def ours() -> None:
+        with study.run(next(ids)) as run:
+            run.save(out)
+
+    def base() -> None:
+        i = next(ids_base)
+        rng = np.random.default_rng(i)
+        mask = np.zeros(examples, dtype=bool)
+        mask[rng.permutation(examples)[: examples // 2]] = True
+        masks[i] = mask
+        outputs[i] = out
+
+    ids_base = iter(range(models))
+    o, b = compare(ours, base, per, rounds)
+    t.add(f"study.run + save per model ({examples:,} examples)", o, b, "<= 2x and < 5 ms", o / b <= 2 and o < 5e-3)
+    for i in ids:  # the rest of the study, for the audit
+        with study.run(i) as run:
+            run.save(out)
+    start = time.perf_counter()
+    report = study.audit()
+    took = time.perf_counter() - start
+    assert report["ok"], report["problems"][:3]
+    t.add(f"study.audit ({models:,} models x {examples:,} examples)", took, None, "< 60 s", took < 60, note=f"{took:.1f} s")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
@@ -318,6 +357,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         bench_state(t, args.quick)
         bench_manifest(t, args.quick, tmp)
         bench_memory(t, args.quick)
+        bench_study(t, args.quick, tmp)
         bench_epoch(t, args.quick)
     print()
     print(t.markdown())

@@ -20,9 +20,10 @@ from .errors import (
 )
 from .fingerprint import fingerprint
 from .manifest import Manifest
-from .registry import SeedRecord
+from .records import SeedRecord, Use
 from .sampler import DeterministicSampler
 from .session import SeedSession
+from .study import Study, StudyError, StudyRun, lds_score
 
 __all__ = [
     "DeterminismSettings",
@@ -39,8 +40,13 @@ __all__ = [
     "SeedregError",
     "StateError",
     "StepCheckpoints",
+    "Study",
+    "StudyError",
+    "StudyRun",
+    "Use",
     "__version__",
     "derive_seed",
     "fingerprint",
+    "lds_score",
     "make_subset_mask",
 ]

@@ -148,6 +148,29 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from .study import Study
+
+    study = Study.open(args.root)
+    if args.action == "status":
+        st = study.status()
+        _emit(f"study {args.root}: {st['done']} of {st['models']} models done, {st['missing']} missing")
+        return 0
+    report = study.audit()
+    _emit(f"study {args.root}: {report['completed']} of {report['models']} models complete")
+    if report["missing"]:
+        ids = report["missing"]
+        shown = ", ".join(map(str, ids[:20])) + (f", ... ({len(ids)} in all)" if len(ids) > 20 else "")
+        _emit(f"missing models: {shown}")
+    for line in report["problems"] + report["environment_differences"]:
+        _emit(f"  {line}")
+    if args.write_manifest:
+        path = study.study_manifest().write(args.write_manifest)
+        _emit(f"wrote the study manifest {path}")
+    _emit("audit clean" if report["ok"] else "audit found problems")
+    return 0 if report["ok"] else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -178,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("env", help="this machine's determinism readiness")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_env)
+    p = sub.add_parser("study", help="audit or count a study's models (exit 1 when the audit finds problems)")
+    p.add_argument("action", choices=["audit", "status"], help="audit: check every model; status: done / missing counts")
+    p.add_argument("root", help="the study directory")
+    p.add_argument("--write-manifest", metavar="PATH", help="with audit: also write one study manifest that `seedreg show` reads")
+    p.set_defaults(fn=_cmd_study)
     p = sub.add_parser("demo", help="train, write the manifest, replay it in a fresh process, compare")
     p.add_argument("--out", help="directory for the manifests and weights (default: a new temporary one)")
     p.add_argument("--seed", type=int, default=42)

@@ -1,0 +1,515 @@
+"""Studies: thousands of LDS models trained across many jobs, as one auditable study.
+
+A study is a directory in the datamodels layout::
+
+    ROOT/study.json         the definition (written once, by whichever process gets there first)
+    ROOT/masks.npy          models x examples, bool: row i is model i's training subset
+    ROOT/outputs.npy        models x outputs, float32: row i is what model i's run saved
+    ROOT/models/I.json      model i's manifest (its seeds, uses and results), written last: it
+                            marks model i complete, after its rows are on disk
+    ROOT/locks/I            held while a process trains model i
+
+Jobs are independent processes (a SLURM array, or N local processes): each asks
+:meth:`Study.models_for` for its share and runs them; :meth:`Study.audit` checks the whole.
+Everything random about model i depends only on (study master seed, i): its mask (shared by the
+models of one replicate group), its session's seeds, and every global draw inside ``study.run(i)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pathlib
+import secrets
+import socket
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
+
+import numpy as np
+
+from .attribution import check_mask_args, make_subset_mask, mask_digest
+from .derive import SCHEMES, check_master_seed, derive_seed
+from .errors import ManifestError, SeedregError
+from .manifest import Manifest
+
+__all__ = ["Study", "StudyError", "StudyRun", "lds_score"]
+
+FORMAT = "seedreg-study"
+VERSION = 1
+_FIELDS = ("master_seed", "num_models", "num_examples", "alpha", "num_outputs", "mode", "replicates", "scheme")
+_MASTER_MAX = 2**32 - 1
+
+
+class StudyError(SeedregError, ValueError):
+    """A study's directory, definition or use is wrong; the message names what and how to fix it."""
+
+
+def _check_count(name: str, value: Any, low: int = 1) -> int:
+    if type(value) is not int or value < low:
+        raise StudyError(f"`{name}` must be an int >= {low}, got {value!r:.40}.")
+    return value
+
+
+def _definition_text(definition: Mapping[str, Any]) -> str:
+    body = {"format": FORMAT, "version": VERSION, **{k: definition[k] for k in _FIELDS}}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return json.dumps({**body, "checksum": "sha256:" + digest}, sort_keys=True, indent=2) + "\n"
+
+
+def _read_definition(path: pathlib.Path) -> Dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StudyError(f"{path} is not a readable study definition: {exc}.") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
+        raise StudyError(f"{path} is not a seedreg study definition (format {FORMAT!r}, version {VERSION}).")
+    if set(data) != set(_FIELDS) | {"format", "version", "checksum"} or _definition_text(data) != path.read_text(encoding="utf-8"):
+        raise StudyError(f"{path} was edited by hand (its checksum or layout does not match); restore it, or start a new study root.")
+    return {k: data[k] for k in _FIELDS}
+
+
+def _create_once(path: pathlib.Path, write: Any) -> bool:
+    """Create `path` with `write(tmp_path)` unless it exists; of many racing processes exactly one
+    wins (a hard link never replaces a file). True if this process created it."""
+    if path.exists():
+        return False
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        write(tmp)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _npy_header(path: pathlib.Path) -> int:
+    with open(path, "rb") as fh:
+        np.lib.format.read_magic(fh)
+        np.lib.format.read_array_header_1_0(fh)
+        return fh.tell()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StudyRun:
+    """One model of a study, inside ``with study.run(model_id) as run:``.
+
+    ``run.session`` is set up for this model alone; ``run.mask`` is its training subset.
+    :meth:`save` writes the model's rows and manifest, then marks it complete.
+    """
+
+    def __init__(self, study: "Study", model_id: int, session: Any, mask: np.ndarray) -> None:
+        self.study = study
+        self.model_id = model_id
+        self.mask_id = model_id // study.replicates
+        self.session = session
+        self.mask = mask
+        self.saved = False
+
+    def save(self, outputs: Any) -> None:
+        """Write row `model_id` of ``outputs.npy`` and ``masks.npy``, the model's manifest, and
+        then (only then) mark the model complete."""
+        study = self.study
+        row = np.asarray(outputs.detach().cpu().numpy() if hasattr(outputs, "detach") else outputs, dtype=np.float32)
+        if row.shape != (study.num_outputs,):
+            raise StudyError(
+                f"`outputs` of model {self.model_id} must have shape ({study.num_outputs},) (num_outputs), got {row.shape}."
+            )
+        if not np.isfinite(row).all():
+            raise StudyError(f"`outputs` of model {self.model_id} holds NaN or infinite values; save finite numbers.")
+        study._write_row("outputs.npy", self.model_id, row.tobytes())
+        study._write_row("masks.npy", self.model_id, self.mask.tobytes())
+        s = self.session
+        for name, value in (
+            ("study.master_seed", study.master_seed),
+            ("study.model_id", self.model_id),
+            ("study.mask_id", self.mask_id),
+            ("study.mask_digest", mask_digest(self.mask)),
+        ):
+            if name not in {r["name"] for r in s.results}:
+                s.record_result(name, value)
+        s.record_result("study.task", study.task)
+        s.record_result("outputs", row)
+        # written last, atomically: its presence is what marks the model complete
+        s.manifest().write(study.root / "models" / f"{self.model_id}.json", fsync=False, clean=False)
+        self.saved = True
+
+
+class Study:
+    """An LDS/datamodels study across many jobs: definition, masks, outputs and an audit.
+
+    The first process to open `root` writes the definition; every later one checks that its
+    arguments equal the stored ones, or raises :class:`StudyError` naming the field.
+    """
+
+    def __init__(
+        self,
+        root: Union[str, "os.PathLike[str]"],
+        *,
+        master_seed: int,
+        num_models: int,
+        num_examples: int,
+        alpha: float,
+        num_outputs: int,
+        mode: str = "fixed",
+        replicates: int = 1,
+        scheme: str = "sha256-v2",
+    ) -> None:
+        check_master_seed(master_seed)
+        _check_count("num_models", num_models)
+        _check_count("num_examples", num_examples)
+        _check_count("num_outputs", num_outputs)
+        _check_count("replicates", replicates)
+        check_mask_args(num_examples, alpha, mode)
+        if scheme not in SCHEMES:
+            raise StudyError(f"`scheme` must be one of {sorted(SCHEMES)}, got {scheme!r}.")
+        if num_models % replicates:
+            raise StudyError(f"`num_models` ({num_models}) must be a multiple of `replicates` ({replicates}).")
+        definition = {
+            "master_seed": master_seed, "num_models": num_models, "num_examples": num_examples, "alpha": float(alpha),
+            "num_outputs": num_outputs, "mode": mode, "replicates": replicates, "scheme": scheme,
+        }
+        root = pathlib.Path(root)
+        if root.exists() and not root.is_dir():
+            raise StudyError(f"`root` {str(root)!r} is a file; a study root is a directory (give a new path).")
+        try:
+            for sub in ("", "models", "locks"):
+                (root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StudyError(f"cannot create the study directory {str(root)!r}: {exc.strerror or exc}.") from None
+        text = _definition_text(definition)
+        _create_once(root / "study.json", lambda p: p.write_text(text, encoding="utf-8"))
+        stored = _read_definition(root / "study.json")
+        for key in _FIELDS:
+            if stored[key] != definition[key]:
+                raise StudyError(
+                    f"this study was defined with {key}={stored[key]!r} but {key}={definition[key]!r} was passed; "
+                    f"pass the stored value, or use another root for another study."
+                )
+        self._init(root, stored)
+
+    @classmethod
+    def open(cls, root: Union[str, "os.PathLike[str]"]) -> "Study":
+        """The study at `root`, with the definition it holds (for the audit and the command line)."""
+        root = pathlib.Path(root)
+        if not (root / "study.json").is_file():
+            raise StudyError(f"{str(root)!r} holds no study (no study.json); create one with Study(root, ...).")
+        study = cls.__new__(cls)
+        study._init(root, _read_definition(root / "study.json"))
+        return study
+
+    def _init(self, root: pathlib.Path, definition: Mapping[str, Any]) -> None:
+        self.root = root
+        for key in _FIELDS:
+            setattr(self, key, definition[key])
+        self.definition = dict(definition)
+        self.task: Optional[int] = None
+        self._masters: Optional[List[int]] = None
+        self._headers: Dict[str, int] = {}
+        for name, dtype, width in (("masks.npy", np.bool_, self.num_examples), ("outputs.npy", np.float32, self.num_outputs)):
+            shape = (self.num_models, width)
+            _create_once(root / name, lambda p, d=dtype, s=shape: np.lib.format.open_memmap(p, mode="w+", dtype=d, shape=s).flush())
+
+    def __repr__(self) -> str:
+        return f"Study({str(self.root)!r}, " + ", ".join(f"{k}={getattr(self, k)!r}" for k in _FIELDS) + ")"
+
+    # -- which models ---------------------------------------------------------------------------
+
+    def completed(self) -> List[int]:
+        """Model ids whose rows and manifest are on disk, sorted."""
+        out = []
+        for name in os.listdir(self.root / "models"):
+            stem = name[:-5] if name.endswith(".json") else ""
+            if stem.isdigit() and int(stem) < self.num_models:
+                out.append(int(stem))
+        return sorted(out)
+
+    def models_for(self, task: Optional[int] = None, num_tasks: Optional[int] = None, *, redo: bool = False) -> List[int]:
+        """The model ids of task `task` of `num_tasks` (ids task, task + num_tasks, ...), without the
+        completed ones unless `redo`. Defaults: ``SLURM_ARRAY_TASK_ID``/``SLURM_ARRAY_TASK_COUNT``,
+        else ``SEEDREG_TASK``/``SEEDREG_NUM_TASKS``."""
+        if task is None or num_tasks is None:
+            for id_var, count_var in (("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), ("SEEDREG_TASK", "SEEDREG_NUM_TASKS")):
+                if id_var in os.environ and count_var in os.environ:
+                    try:
+                        task = int(os.environ[id_var]) if task is None else task
+                        num_tasks = int(os.environ[count_var]) if num_tasks is None else num_tasks
+                    except ValueError:
+                        raise StudyError(f"{id_var}={os.environ[id_var]!r} / {count_var}={os.environ[count_var]!r} are not ints.") from None
+                    break
+            else:
+                raise StudyError(
+                    "models_for() needs `task` and `num_tasks`, or SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT "
+                    "(a SLURM job array), or SEEDREG_TASK and SEEDREG_NUM_TASKS in the environment."
+                )
+        _check_count("num_tasks", num_tasks)
+        if type(task) is not int or not 0 <= task < num_tasks:  # type: ignore[operator]
+            raise StudyError(f"`task` must be an int in [0, {num_tasks - 1}] (num_tasks={num_tasks}), got {task!r:.40}.")  # type: ignore[operator]
+        self.task = task
+        done = set() if redo else set(self.completed())
+        return [i for i in range(task, self.num_models, num_tasks) if i not in done]  # type: ignore[arg-type]
+
+    # -- seeds ------------------------------------------------------------------------------------
+
+    def model_master_seed(self, model_id: int) -> int:
+        """The master seed of model `model_id`'s session: derived from the study's master seed and
+        the id, 32-bit, and distinct from every lower id's (a collision is stepped past)."""
+        self._check_id(model_id)
+        if self._masters is None or len(self._masters) <= model_id:
+            masters = self._masters or []
+            seen = set(masters)
+            for i in range(len(masters), self.num_models):
+                k = 0
+                while True:
+                    m = derive_seed(self.master_seed, "study/model", i if k == 0 else f"{i}/{k}", scheme="sha256-v2") & _MASTER_MAX
+                    if m not in seen:
+                        break
+                    k += 1
+                seen.add(m)
+                masters.append(m)
+            self._masters = masters
+        return self._masters[model_id]
+
+    def mask(self, model_id: int) -> np.ndarray:
+        """Model `model_id`'s training subset, derived (not read): shared by its replicate group."""
+        self._check_id(model_id)
+        seed = derive_seed(self.master_seed, "study/mask", model_id // self.replicates, scheme="sha256-v2")
+        return make_subset_mask(seed, self.num_examples, self.alpha, self.mode)
+
+    def _check_id(self, model_id: Any) -> None:
+        if type(model_id) is not int or not 0 <= model_id < self.num_models:
+            raise StudyError(f"`model_id` must be an int in [0, {self.num_models - 1}], got {model_id!r:.40}.")
+
+    # -- running a model ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def run(self, model_id: int, *, redo: bool = False) -> Iterator[StudyRun]:
+        """Train model `model_id`: hold its lock, give a set-up session whose every seed and every
+        global draw inside the block depends only on (study master seed, model_id)."""
+        from .session import SeedSession
+
+        self._check_id(model_id)
+        if not redo and (self.root / "models" / f"{model_id}.json").exists():
+            raise StudyError(f"model {model_id} is complete already; pass redo=True to train it again.")
+        lock = self.root / "locks" / str(model_id)
+        self._lock(lock, model_id)
+        try:
+            session = SeedSession(self.model_master_seed(model_id), scheme=self.scheme).setup()
+            run = StudyRun(self, model_id, session, self.mask(model_id))
+            with session.scope("study/model"):
+                yield run
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+
+    def _lock(self, lock: pathlib.Path, model_id: int) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(lock.read_text())
+                except (OSError, ValueError):
+                    holder = {}
+                if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
+                    with contextlib.suppress(OSError):
+                        os.unlink(lock)  # its process died (killed mid-model): the model is free again
+                    continue
+                raise StudyError(
+                    f"model {model_id} is being trained by another process ({holder.get('host')}, pid {holder.get('pid')}); "
+                    f"two processes never write one model. If that process is gone, remove {lock}."
+                ) from None
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"host": socket.gethostname(), "pid": os.getpid()}, fh)
+            return
+        raise StudyError(f"could not take the lock {lock} of model {model_id}.")  # pragma: no cover
+
+    def _write_row(self, name: str, model_id: int, data: bytes) -> None:
+        header = self._headers.get(name)
+        if header is None:
+            header = self._headers[name] = _npy_header(self.root / name)
+        fd = os.open(self.root / name, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, header + model_id * len(data))
+        finally:
+            os.close(fd)
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    def masks(self) -> np.ndarray:
+        """``masks.npy`` (models x examples, bool), read-only memory map."""
+        return np.load(self.root / "masks.npy", mmap_mode="r")
+
+    def outputs(self) -> np.ndarray:
+        """``outputs.npy`` (models x outputs, float32), read-only memory map."""
+        return np.load(self.root / "outputs.npy", mmap_mode="r")
+
+    def status(self) -> Dict[str, int]:
+        done = len(self.completed())
+        return {"models": self.num_models, "done": done, "missing": self.num_models - done}
+
+    # -- the audit -----------------------------------------------------------------------------------
+
+    def audit(self) -> Dict[str, Any]:
+        """Check the whole study; ``report["ok"]`` is True when nothing is wrong.
+
+        Every model complete exactly once (else ``missing`` lists the ids); every model manifest
+        has the study's master seed, scheme and model id, re-derives every seed it records, and an
+        environment that agrees with the others on what bitwise equality needs; every stored mask
+        row equals its recorded digest and its re-derivation.
+        """
+        from .determinism import BITWISE_KEYS
+
+        problems: List[str] = []
+        completed = self.completed()
+        missing = sorted(set(range(self.num_models)) - set(completed))
+        masks = self.masks()
+        reference_env: Optional[Mapping[str, Any]] = None
+        env_differences: List[str] = []
+        for model_id in completed:
+            where = f"model {model_id}"
+            try:
+                m = Manifest.load(self.root / "models" / f"{model_id}.json")
+            except ManifestError as exc:
+                problems.append(f"{where}: its manifest is unreadable: {exc}")
+                continue
+            results = {r["name"]: r["value"] for r in m.results}
+            if results.get("study.master_seed") != self.master_seed:
+                problems.append(f"{where}: its manifest has study master seed {results.get('study.master_seed')!r}, the study {self.master_seed}")
+            if results.get("study.model_id") != model_id:
+                problems.append(f"{where}: its manifest is model {results.get('study.model_id')!r}'s")
+            if m.scheme != self.scheme:
+                problems.append(f"{where}: its manifest has scheme {m.scheme!r}, the study {self.scheme!r}")
+            if m.master_seed != self.model_master_seed(model_id):
+                problems.append(f"{where}: its session's master seed {m.master_seed} is not the one the study derives ({self.model_master_seed(model_id)})")
+            for r in m.records:
+                if derive_seed(m.master_seed, r.purpose, r.instance_id, scheme=m.scheme) != r.seed:
+                    problems.append(f"{where}: record ({r.purpose!r}, {r.instance_id!r}) holds seed {r.seed}, which does not re-derive")
+            stored = np.asarray(masks[model_id])
+            derived = self.mask(model_id)
+            if mask_digest(stored) != results.get("study.mask_digest"):
+                problems.append(f"{where}: masks.npy row {model_id} does not match the mask digest its manifest recorded")
+            elif not np.array_equal(stored, derived):
+                problems.append(f"{where}: masks.npy row {model_id} is not the mask the study derives (another numpy build?)")
+            env = {k: m.environment.get(k) for k in BITWISE_KEYS}
+            if reference_env is None:
+                reference_env = env
+            else:
+                for k in BITWISE_KEYS:
+                    if env[k] != reference_env[k]:
+                        env_differences.append(f"{where}: environment {k} is {env[k]!r}, model {completed[0]} had {reference_env[k]!r}")
+        ok = not problems and not missing and not env_differences
+        return {
+            "ok": ok,
+            "models": self.num_models,
+            "completed": len(completed),
+            "missing": missing,
+            "problems": problems,
+            "environment_differences": env_differences,
+        }
+
+    def study_manifest(self) -> Manifest:
+        """One manifest for the whole study: the study-level seeds (each model's session seed and
+        each mask's seed) as records, and each model's mask digest and outputs fingerprint as
+        results. ``seedreg show`` reads it."""
+        from .records import SeedRecord
+
+        records = [
+            SeedRecord(purpose="study/model", instance_id=i, seed=derive_seed(self.master_seed, "study/model", i, scheme="sha256-v2"), kind="seed")
+            for i in range(self.num_models)
+        ]
+        records += [
+            SeedRecord(purpose="study/mask", instance_id=r, seed=derive_seed(self.master_seed, "study/mask", r, scheme="sha256-v2"), kind="subset_mask")
+            for r in range(self.num_models // self.replicates)
+        ]
+        results: List[Dict[str, Any]] = [{"name": f"study.{k}", "kind": "value", "value": v} for k, v in self.definition.items()]
+        environment: Mapping[str, Any] = {}
+        for model_id in self.completed():
+            try:
+                m = Manifest.load(self.root / "models" / f"{model_id}.json")
+            except ManifestError:
+                continue
+            environment = environment or m.environment
+            values = {r["name"]: r for r in m.results}
+            for name in ("study.mask_digest", "outputs"):
+                if name in values:
+                    results.append({"name": f"model_{model_id}.{name.split('.')[-1]}", "kind": values[name]["kind"], "value": values[name]["value"]})
+        return Manifest(
+            master_seed=self.master_seed,
+            scheme="sha256-v2",
+            records=records,
+            settings={"deterministic": True, "warn_only": True, "fill_uninitialized_memory": True},
+            environment=environment,
+            results=results,
+        )
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks along axis 0, ties averaged (as Spearman's correlation uses them)."""
+    n = values.shape[0]
+    order = np.argsort(values, axis=0, kind="mergesort")
+    ranks = np.empty(values.shape, dtype=np.float64)
+    cols = np.arange(values.shape[1])
+    ranks[order, cols] = np.arange(n, dtype=np.float64)[:, None]
+    # average the ranks of tied values, column by column
+    for j in range(values.shape[1]):
+        col = values[:, j]
+        sorted_vals = col[order[:, j]]
+        if n > 1 and np.any(sorted_vals[1:] == sorted_vals[:-1]):
+            _, inverse, counts = np.unique(col, return_inverse=True, return_counts=True)
+            sums = np.zeros(len(counts))
+            np.add.at(sums, inverse, ranks[:, j])
+            ranks[:, j] = (sums / counts)[inverse]
+    return ranks
+
+
+def lds_score(scores: Any, masks: Any, outputs: Any, *, replicates: int = 1) -> float:
+    """The linear datamodeling score: predictions ``masks @ scores`` against the measured
+    `outputs` (averaged over each group of `replicates` models sharing a mask), Spearman's rank
+    correlation across models for each output, averaged over outputs (TRAK's definition).
+
+    `scores` is examples x outputs, `masks` models x examples, `outputs` models x outputs.
+
+    >>> rng = np.random.default_rng(0)
+    >>> masks = rng.random((20, 10)) < 0.5
+    >>> scores = rng.normal(size=(10, 3))
+    >>> round(lds_score(scores, masks, masks @ scores), 6)
+    1.0
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    masks = np.asarray(masks)
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if masks.ndim != 2 or scores.ndim != 2 or outputs.ndim != 2:
+        raise ValueError(f"`scores`, `masks` and `outputs` must be 2-d, got {scores.shape}, {masks.shape}, {outputs.shape}.")
+    if masks.shape[1] != scores.shape[0] or outputs.shape != (masks.shape[0], scores.shape[1]):
+        raise ValueError(
+            f"shapes disagree: masks {masks.shape} (models x examples), scores {scores.shape} (examples x outputs), "
+            f"outputs {outputs.shape} (models x outputs)."
+        )
+    if type(replicates) is not int or replicates < 1 or masks.shape[0] % replicates:
+        raise ValueError(f"`replicates` must be an int >= 1 dividing the number of models ({masks.shape[0]}), got {replicates!r}.")
+    groups = masks.shape[0] // replicates
+    masks = masks.reshape(groups, replicates, -1)[:, 0, :].astype(np.float64)
+    outputs = outputs.reshape(groups, replicates, -1).mean(axis=1)
+    predictions = masks @ scores
+    a, b = _ranks(predictions), _ranks(outputs)
+    a -= a.mean(axis=0)
+    b -= b.mean(axis=0)
+    denom = np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (a * b).sum(axis=0) / denom
+    return float(np.nanmean(rho))
+
