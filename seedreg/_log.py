@@ -21,3 +21,12 @@ logger = structlog.wrap_logger(
         structlog.processors.KeyValueRenderer(key_order=["event"], sort_keys=True),
     ],
 )
+
+
+_stdlib = logging.getLogger("seedreg")
+
+
+def enabled(level: int) -> bool:
+    """Whether seedreg's logger would emit at `level` (skip building an event nobody reads:
+    structlog builds it before its level filter drops it, about 0.1 ms an event)."""
+    return _stdlib.isEnabledFor(level)

@@ -6,6 +6,7 @@ Nothing here runs at import time: :func:`apply_settings` is called by ``SeedSess
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import platform
 import re
@@ -23,6 +24,7 @@ from ._version import __version__
 
 __all__ = ["DeterminismSettings", "apply_settings", "environment", "ViolationLog", "CUBLAS_DEFAULT"]
 
+from ._log import enabled as log_enabled
 from ._log import logger as log
 
 CUBLAS_VAR = "CUBLAS_WORKSPACE_CONFIG"
@@ -138,7 +140,8 @@ def apply_settings(settings: DeterminismSettings, violations: ViolationLog) -> D
         applied["fill_uninitialized_memory"] = None
     if settings.warn_only:
         watch_violations(violations)
-    log.debug("deterministic_setup", **{k: str(v) for k, v in applied.items()})
+    if log_enabled(logging.DEBUG):
+        log.debug("deterministic_setup", **{k: str(v) for k, v in applied.items()})
     return applied
 
 

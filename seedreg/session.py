@@ -8,6 +8,7 @@ replayable. Constructing a session changes no global state; ``setup()`` does, on
 from __future__ import annotations
 
 import hashlib
+import logging
 import pathlib
 import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
@@ -33,6 +34,7 @@ from .sampler import DeterministicSampler, subset_indices
 
 __all__ = ["SeedSession"]
 
+from ._log import enabled as log_enabled
 from ._log import logger as log
 
 STATE_FORMAT = "seedreg-state"
@@ -171,7 +173,8 @@ class SeedSession:
         seed_globals(seed)
         self._applied = {"global_seed": seed, **apply_settings(self.settings, self._violations)}
         self._is_set_up = True
-        log.info("seedreg_setup", master_seed=self.master_seed, rank=self.rank, world_size=self.world_size)
+        if log_enabled(logging.INFO):
+            log.info("seedreg_setup", master_seed=self.master_seed, rank=self.rank, world_size=self.world_size)
         return self
 
     @property

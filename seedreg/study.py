@@ -5,9 +5,10 @@ A study is a directory in the datamodels layout::
     ROOT/study.json         the definition (written once, by whichever process gets there first)
     ROOT/masks.npy          models x examples, bool: row i is model i's training subset
     ROOT/outputs.npy        models x outputs, float32: row i is what model i's run saved
-    ROOT/models/I.json      model i's manifest (its seeds, uses and results), written last: it
-                            marks model i complete, after its rows are on disk
-    ROOT/locks/I            held while a process trains model i
+    ROOT/tasks/HOST-PID.jsonl  the log of one task process: a line per model it completed, holding
+                            the model's manifest (its seeds, uses and results); appended last, after
+                            the model's rows are on disk, the line is what marks the model complete
+    ROOT/locks              byte i is locked (a POSIX record lock) while a process trains model i
 
 Jobs are independent processes (a SLURM array, or N local processes): each asks
 :meth:`Study.models_for` for its share and runs them; :meth:`Study.audit` checks the whole.
@@ -18,12 +19,15 @@ models of one replicate group), its session's seeds, and every global draw insid
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import pathlib
+import re
 import secrets
 import socket
+import threading
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
 
 import numpy as np
@@ -31,6 +35,7 @@ import numpy as np
 from .attribution import check_mask_args, make_subset_mask, mask_digest
 from .derive import SCHEMES, check_master_seed, derive_seed
 from .errors import ManifestError, SeedregError
+from .fingerprint import result_entry
 from .manifest import Manifest
 
 __all__ = ["Study", "StudyError", "StudyRun", "lds_score"]
@@ -39,6 +44,7 @@ FORMAT = "seedreg-study"
 VERSION = 1
 _FIELDS = ("master_seed", "num_models", "num_examples", "alpha", "num_outputs", "mode", "replicates", "scheme")
 _MASTER_MAX = 2**32 - 1
+_SETTINGS = {"deterministic": True, "warn_only": True, "fill_uninitialized_memory": True}  # SeedSession's defaults
 
 
 class StudyError(SeedregError, ValueError):
@@ -94,14 +100,10 @@ def _npy_header(path: pathlib.Path) -> int:
         return fh.tell()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_LINE_ID = re.compile(rb'^\{"model_id":(\d+),', re.MULTILINE)
+# (root, model id) of the models this process holds: POSIX locks cannot tell two holders in one process
+_held: set = set()
+_held_lock = threading.Lock()
 
 
 class StudyRun:
@@ -143,8 +145,9 @@ class StudyRun:
                 s.record_result(name, value)
         s.record_result("study.task", study.task)
         s.record_result("outputs", row)
-        # written last, atomically: its presence is what marks the model complete
-        s.manifest().write(study.root / "models" / f"{self.model_id}.json", fsync=False, clean=False)
+        # appended last, in one write: the line is what marks the model complete (a task killed
+        # mid-write leaves a line without its newline, which does not count)
+        study._append(self.model_id, s.manifest())
         self.saved = True
 
 
@@ -186,7 +189,7 @@ class Study:
         if root.exists() and not root.is_dir():
             raise StudyError(f"`root` {str(root)!r} is a file; a study root is a directory (give a new path).")
         try:
-            for sub in ("", "models", "locks"):
+            for sub in ("", "tasks"):
                 (root / sub).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StudyError(f"cannot create the study directory {str(root)!r}: {exc.strerror or exc}.") from None
@@ -218,6 +221,10 @@ class Study:
         self.definition = dict(definition)
         self.task: Optional[int] = None
         self._masters: Optional[List[int]] = None
+        self._done: set = set()
+        self._offsets: Dict[str, int] = {}
+        self._lock_fd: Optional[int] = None
+        self._log_fd: Optional[int] = None
         self._headers: Dict[str, int] = {}
         for name, dtype, width in (("masks.npy", np.bool_, self.num_examples), ("outputs.npy", np.float32, self.num_outputs)):
             shape = (self.num_models, width)
@@ -230,12 +237,67 @@ class Study:
 
     def completed(self) -> List[int]:
         """Model ids whose rows and manifest are on disk, sorted."""
-        out = []
-        for name in os.listdir(self.root / "models"):
-            stem = name[:-5] if name.endswith(".json") else ""
-            if stem.isdigit() and int(stem) < self.num_models:
-                out.append(int(stem))
-        return sorted(out)
+        self._refresh()
+        return sorted(self._done)
+
+    def _refresh(self) -> None:
+        """Read what the task logs gained since the last call (each log is only appended to)."""
+        folder = self.root / "tasks"
+        for name in os.listdir(folder):
+            if not name.endswith(".jsonl"):
+                continue
+            offset = self._offsets.get(name, 0)
+            try:
+                with open(folder / name, "rb") as fh:
+                    fh.seek(offset)
+                    data = fh.read()
+            except OSError:
+                continue
+            end = data.rfind(b"\n") + 1  # complete lines only: a killed writer's last line does not count
+            for match in _LINE_ID.finditer(data[:end]):
+                model_id = int(match.group(1))
+                if model_id < self.num_models:
+                    self._done.add(model_id)
+            self._offsets[name] = offset + end
+
+    def entries(self) -> Iterator[Dict[str, Any]]:
+        """Every complete line of every task log: ``{"model_id", "manifest", "log", "line"}``,
+        the manifest as JSON data (validate it with :meth:`Manifest.from_dict`)."""
+        folder = self.root / "tasks"
+        for name in sorted(os.listdir(folder)):
+            if not name.endswith(".jsonl"):
+                continue
+            with open(folder / name, "rb") as fh:
+                data = fh.read()
+            lines = data.split(b"\n")
+            for number, line in enumerate(lines[:-1], 1):  # the last piece has no newline: incomplete
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    entry = None
+                if not isinstance(entry, dict) or type(entry.get("model_id")) is not int or "manifest" not in entry:
+                    yield {"model_id": None, "manifest": None, "log": name, "line": number}
+                    continue
+                yield {"model_id": entry["model_id"], "manifest": entry["manifest"], "log": name, "line": number}
+
+    def manifest_of(self, model_id: int) -> Manifest:
+        """The manifest model `model_id`'s run recorded (the latest, if it was trained again)."""
+        self._check_id(model_id)
+        found = None
+        for entry in self.entries():
+            if entry["model_id"] == model_id:
+                found = entry
+        if found is None:
+            raise StudyError(f"model {model_id} is not complete; no task log holds its manifest.")
+        return Manifest.from_dict(found["manifest"])
+
+    def _append(self, model_id: int, manifest: Manifest) -> None:
+        if self._log_fd is None:
+            name = f"{socket.gethostname()}-{os.getpid()}.jsonl"
+            self._log_fd = os.open(self.root / "tasks" / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        line = json.dumps({"model_id": model_id, "manifest": manifest.to_dict()}, sort_keys=False, separators=(",", ":"))
+        os.write(self._log_fd, (line + "\n").encode("utf-8"))
+        self._done.add(model_id)
 
     def models_for(self, task: Optional[int] = None, num_tasks: Optional[int] = None, *, redo: bool = False) -> List[int]:
         """The model ids of task `task` of `num_tasks` (ids task, task + num_tasks, ...), without the
@@ -302,40 +364,40 @@ class Study:
         from .session import SeedSession
 
         self._check_id(model_id)
-        if not redo and (self.root / "models" / f"{model_id}.json").exists():
-            raise StudyError(f"model {model_id} is complete already; pass redo=True to train it again.")
-        lock = self.root / "locks" / str(model_id)
-        self._lock(lock, model_id)
+        self._lock(model_id)
         try:
+            if not redo and model_id in self.completed():
+                raise StudyError(f"model {model_id} is complete already; pass redo=True to train it again.")
+            # setup() seeds python, numpy, torch and CUDA from the model's own master seed: every
+            # global draw inside the block depends on (study master seed, model_id) alone
             session = SeedSession(self.model_master_seed(model_id), scheme=self.scheme).setup()
-            run = StudyRun(self, model_id, session, self.mask(model_id))
-            with session.scope("study/model"):
-                yield run
+            yield StudyRun(self, model_id, session, self.mask(model_id))
         finally:
-            with contextlib.suppress(OSError):
-                os.unlink(lock)
+            self._unlock(model_id)
 
-    def _lock(self, lock: pathlib.Path, model_id: int) -> None:
-        for _ in range(2):
+    def _lock(self, model_id: int) -> None:
+        """Lock byte `model_id` of ROOT/locks: a POSIX record lock, released by the kernel when its
+        process dies (a killed task never leaves a model locked)."""
+        key = (os.path.realpath(self.root), model_id)
+        with _held_lock:
+            if key in _held:  # POSIX locks belong to the process: another Study object here holds it
+                raise StudyError(f"model {model_id} is being trained in this process already; two runs never write one model.")
+            if self._lock_fd is None:
+                self._lock_fd = os.open(self.root / "locks", os.O_RDWR | os.O_CREAT, 0o666)
             try:
-                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                try:
-                    holder = json.loads(lock.read_text())
-                except (OSError, ValueError):
-                    holder = {}
-                if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
-                    with contextlib.suppress(OSError):
-                        os.unlink(lock)  # its process died (killed mid-model): the model is free again
-                    continue
+                fcntl.lockf(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, model_id)
+            except OSError:
                 raise StudyError(
-                    f"model {model_id} is being trained by another process ({holder.get('host')}, pid {holder.get('pid')}); "
-                    f"two processes never write one model. If that process is gone, remove {lock}."
+                    f"model {model_id} is being trained by another process; two processes never write one model. "
+                    f"Its task will finish it (or, if killed, release it)."
                 ) from None
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid()}, fh)
-            return
-        raise StudyError(f"could not take the lock {lock} of model {model_id}.")  # pragma: no cover
+            _held.add(key)
+
+    def _unlock(self, model_id: int) -> None:
+        with _held_lock:
+            _held.discard((os.path.realpath(self.root), model_id))
+            if self._lock_fd is not None:
+                fcntl.lockf(self._lock_fd, fcntl.LOCK_UN, 1, model_id)
 
     def _write_row(self, name: str, model_id: int, data: bytes) -> None:
         header = self._headers.get(name)
@@ -374,23 +436,41 @@ class Study:
         from .determinism import BITWISE_KEYS
 
         problems: List[str] = []
-        completed = self.completed()
+        manifests: Dict[int, Manifest] = {}
+        outputs_seen: Dict[int, Any] = {}
+        for entry in self.entries():
+            where = f"tasks/{entry['log']} line {entry['line']}"
+            model_id = entry["model_id"]
+            if model_id is None or not 0 <= model_id < self.num_models:
+                problems.append(f"{where}: not a model's record")
+                continue
+            try:
+                m = Manifest.from_dict(entry["manifest"])
+            except ManifestError as exc:
+                problems.append(f"model {model_id} ({where}): its manifest is refused: {exc}")
+                continue
+            fingerprint = next((r["value"] for r in m.results if r["name"] == "outputs"), None)
+            if model_id in manifests and outputs_seen[model_id] != fingerprint:
+                problems.append(f"model {model_id} ({where}): completed again with different outputs")
+            manifests[model_id], outputs_seen[model_id] = m, fingerprint
+        completed = sorted(manifests)
         missing = sorted(set(range(self.num_models)) - set(completed))
         masks = self.masks()
+        outputs = self.outputs()
         reference_env: Optional[Mapping[str, Any]] = None
         env_differences: List[str] = []
         for model_id in completed:
             where = f"model {model_id}"
-            try:
-                m = Manifest.load(self.root / "models" / f"{model_id}.json")
-            except ManifestError as exc:
-                problems.append(f"{where}: its manifest is unreadable: {exc}")
-                continue
+            m = manifests[model_id]
+            if result_entry("outputs", np.asarray(outputs[model_id]))["value"] != outputs_seen[model_id]:
+                problems.append(f"{where}: outputs.npy row {model_id} does not match the outputs its manifest recorded")
             results = {r["name"]: r["value"] for r in m.results}
             if results.get("study.master_seed") != self.master_seed:
                 problems.append(f"{where}: its manifest has study master seed {results.get('study.master_seed')!r}, the study {self.master_seed}")
             if results.get("study.model_id") != model_id:
                 problems.append(f"{where}: its manifest is model {results.get('study.model_id')!r}'s")
+            if dict(m.settings) != _SETTINGS:
+                problems.append(f"{where}: its manifest has settings {dict(m.settings)}, the study's sessions use {_SETTINGS}")
             if m.scheme != self.scheme:
                 problems.append(f"{where}: its manifest has scheme {m.scheme!r}, the study {self.scheme!r}")
             if m.master_seed != self.model_master_seed(model_id):
@@ -437,11 +517,12 @@ class Study:
         ]
         results: List[Dict[str, Any]] = [{"name": f"study.{k}", "kind": "value", "value": v} for k, v in self.definition.items()]
         environment: Mapping[str, Any] = {}
-        for model_id in self.completed():
+        for entry in self.entries():
             try:
-                m = Manifest.load(self.root / "models" / f"{model_id}.json")
+                m = Manifest.from_dict(entry["manifest"])
             except ManifestError:
                 continue
+            model_id = entry["model_id"]
             environment = environment or m.environment
             values = {r["name"]: r for r in m.results}
             for name in ("study.mask_digest", "outputs"):
@@ -451,7 +532,7 @@ class Study:
             master_seed=self.master_seed,
             scheme="sha256-v2",
             records=records,
-            settings={"deterministic": True, "warn_only": True, "fill_uninitialized_memory": True},
+            settings=_SETTINGS,
             environment=environment,
             results=results,
         )

@@ -1,5 +1,6 @@
 """Studies: many LDS models across many jobs, one auditable study."""
 
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +12,6 @@ import torch
 
 from seedreg import Manifest, Study, StudyError, lds_score
 from seedreg.cli import main as cli_main
-from seedreg.manifest import _with_checksum, render
 
 from .conftest import ROOT, run_python
 
@@ -88,15 +88,25 @@ class TestModels:
         assert len({outputs[i].tobytes() for i in range(6)}) == 6
         assert masks.sum(axis=1).tolist() == [20] * 6
 
-    def test_a_second_process_on_the_same_model_refuses(self, tmp_path):
+    def test_a_second_run_of_the_same_model_refuses(self, tmp_path):
         study = Study(tmp_path / "s", **DEF)
         other = Study(tmp_path / "s", **DEF)
         with study.run(3):
-            with pytest.raises(StudyError, match="being trained by another process"):
+            with pytest.raises(StudyError, match="being trained in this process"):
                 with other.run(3):
                     pass
         with other.run(3) as run:  # free again once the first let go
             run.save(np.zeros(3))
+        code = f"import sys, time; from seedreg import Study\ns = Study(sys.argv[1], **{DEF!r})\nwith s.run(4):\n    print('holding', flush=True); time.sleep(60)\n"
+        proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "s")], env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "holding"
+            with pytest.raises(StudyError, match="being trained by another process"):
+                with study.run(4):
+                    pass
+        finally:
+            proc.kill()
+            proc.wait(30)
 
 
 class TestAudit:
@@ -114,11 +124,17 @@ class TestAudit:
         masks[3, 0] = not masks[3, 0]
         masks.flush()
         del masks
-        # a model manifest from another study master seed, resealed
-        data = Manifest.load(root / "models" / "4.json").to_dict()
+        # a task log whose model 4 manifest has another study master seed, resealed
+        (log,) = (root / "tasks").iterdir()
+        lines = log.read_text().splitlines()
+        entry = json.loads(lines[4])
+        assert entry["model_id"] == 4
+        data = entry["manifest"]
         data.pop("checksum")
         next(r for r in data["results"] if r["name"] == "study.master_seed")["value"] = 43
-        (root / "models" / "4.json").write_text(_with_checksum(render(data)))
+        data["checksum"] = Manifest.from_dict(data).to_dict()["checksum"]
+        lines[4] = json.dumps({"model_id": 4, "manifest": data})
+        log.write_text("\n".join(lines) + "\n")
         problems = study.audit()["problems"]
         assert any("model 3" in p and "masks.npy row 3" in p for p in problems)
         assert any("model 4" in p and "study master seed 43" in p for p in problems)
@@ -181,7 +197,7 @@ class TestAcrossProcesses:
         other = Study.open(tmp_path / "alone")
         assert np.asarray(other.outputs())[7].tobytes() == np.asarray(study.outputs())[7].tobytes()
         assert np.asarray(other.masks())[7].tobytes() == np.asarray(study.masks())[7].tobytes()
-        weights = lambda root: next(r["value"] for r in Manifest.load(root / "models" / "7.json").results if r["name"] == "final_weights")  # noqa: E731
+        weights = lambda root: next(r["value"] for r in Study.open(root).manifest_of(7).results if r["name"] == "final_weights")  # noqa: E731
         assert weights(tmp_path / "s") == weights(tmp_path / "alone") and weights(tmp_path / "s") in alone
         score = run_python([script, "--root", tmp_path / "s", "--score"]).stdout
         assert "LDS of the kernel attribution over 12 models" in score
@@ -205,6 +221,8 @@ class TestAcrossProcesses:
         report = study.audit()
         assert 2 in report["missing"] and report["problems"] == []
         assert study.models_for(0, 1) == list(range(6))  # the model is free again (its holder is dead)
+        with study.run(2):  # and its lock went with the killed process
+            pass
         fill(study, [2])
         after = study.audit()
         assert 2 not in after["missing"] and after["completed"] == 1 and after["problems"] == []
