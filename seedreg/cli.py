@@ -15,7 +15,6 @@ import tempfile
 from typing import Any, List, Optional, Sequence
 
 from .derive import DEFAULT_SCHEME, SCHEMES, derive_seed
-from .errors import SeedregError
 
 __all__ = ["main"]
 

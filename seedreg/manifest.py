@@ -389,15 +389,11 @@ class Manifest:
         except ManifestError as exc:
             raise ManifestError(f"{path}: {exc}") from None
 
-    def write(self, path: PathLike, *, fsync: bool = True, clean: bool = True) -> pathlib.Path:
-        """Write atomically: a temporary file beside `path`, fsync, rename. Returns the path.
-
-        ``fsync=False`` skips the flushes to disk: the file is still whole or absent after the
-        process is killed, but not after a power loss (studies write thousands of small manifests).
-        """
+    def write(self, path: PathLike) -> pathlib.Path:
+        """Write atomically: a temporary file beside `path`, fsync, rename. Returns the path."""
         path = pathlib.Path(path)
         payload = self.to_json().encode("utf-8")
-        return atomic_write(path, payload, fsync=fsync, clean=clean)
+        return atomic_write(path, payload)
 
     # -- comparison ------------------------------------------------------------------------------
 
@@ -504,21 +500,19 @@ def _remove_stale_temps(directory: pathlib.Path, prefix: str) -> None:
             pass
 
 
-def atomic_write(path: pathlib.Path, payload: bytes, *, fsync: bool = True, clean: bool = True) -> pathlib.Path:
+def atomic_write(path: pathlib.Path, payload: bytes) -> pathlib.Path:
     """Write `payload` to `path` so that readers see the old file or the new one, never a mix.
 
     Missing parent directories are created. A new file gets the usual permissions (0666 less the
-    umask); an existing file keeps its mode. With `clean`, temporary files of this target left by a
-    killed writer are removed first (a directory listing: studies, writing thousands of files into
-    one directory, pass False).
+    umask); an existing file keeps its mode. Temporary files of this target left by a killed
+    writer are removed first.
     """
     directory = path.parent if str(path.parent) else pathlib.Path(".")
     tmp_name = None
     try:
         directory.mkdir(parents=True, exist_ok=True)
         prefix = _temp_prefix(path)
-        if clean:
-            _remove_stale_temps(directory, prefix)
+        _remove_stale_temps(directory, prefix)
         try:
             mode: Optional[int] = stat.S_IMODE(os.stat(path).st_mode)
         except FileNotFoundError:
@@ -530,12 +524,9 @@ def atomic_write(path: pathlib.Path, payload: bytes, *, fsync: bool = True, clea
                 os.fchmod(fh.fileno(), mode)
             fh.write(payload)
             fh.flush()
-            if fsync:
-                os.fsync(fh.fileno())
+            os.fsync(fh.fileno())
         os.replace(tmp_name, path)
         tmp_name = None
-        if not fsync:
-            return path
         try:
             dir_fd = os.open(directory, os.O_RDONLY)
         except OSError:  # pragma: no cover - platforms without directory fds

@@ -7,7 +7,6 @@ replayable. Constructing a session changes no global state; ``setup()`` does, on
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pathlib
 import weakref
