@@ -1,13 +1,16 @@
 """The `seedreg` command."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from seedreg import SeedSession
 from seedreg.cli import main
 
-from .conftest import run_python
+from .conftest import ROOT, run_python
 
 
 def run(capsys, *argv):
@@ -72,7 +75,13 @@ def test_python_dash_m_and_console_script(tmp_path):
 @pytest.mark.slow
 def test_demo(tmp_path):
     """The main job: train, dump, replay in a fresh process, bitwise agreement."""
-    proc = run_python(["-m", "seedreg", "demo", "--out", tmp_path, "--epochs", "2"], timeout=300)
+    # a relative output directory whose name starts with '-' (it broke the replay process's arguments)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    proc = subprocess.run([sys.executable, "-m", "seedreg", "demo", "--out=-demo", "--epochs", "2"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    tmp_path = tmp_path / "-demo"
     assert "DEMO OK" in proc.stdout and "replay verdict: bitwise" in proc.stdout and "results matched 1 of 1" in proc.stdout
     assert (tmp_path / "original-manifest.json").exists() and (tmp_path / "replayed-manifest.json").exists()
     import torch
