@@ -34,7 +34,7 @@ def main() -> int:
     loader = session.build_dataloader(ToyImages(80), "training", batch_size=16, shuffle=True, num_workers=args.workers)
     checkpoints = StepCheckpoints(session, model, optimizer, loader, every=args.every)
 
-    def step_fn(batch):
+    def step_fn(step, indices, batch):
         x, y = batch
         model.train()
         optimizer.zero_grad()
@@ -46,7 +46,7 @@ def main() -> int:
     checkpoints.maybe_save(0)
     while step < args.steps:
         for batch in loader:  # epochs advance by themselves
-            step_fn(batch)
+            step_fn(step, None, batch)
             after[step] = fingerprint(model)
             step += 1
             checkpoints.maybe_save(step)  # before the next batch is drawn

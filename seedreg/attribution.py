@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
-from typing import Any, Callable, Dict, Iterator, Optional
+import os
+import pathlib
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -68,18 +71,28 @@ def mask_digest(mask: np.ndarray) -> str:
     return "sha256:" + h.hexdigest()
 
 
+SCHEDULES = ("uniform", "sqrt", "log")
+
+
 class StepCheckpoints:
-    """MAGIC-style exact step replay: keep the full training state every `every` steps in memory.
+    """MAGIC-style exact replay of a training run: checkpoints of the whole training state, any
+    step replayed, any state before a step restored, every step visited backwards.
 
-    `capture` (called by :meth:`maybe_save`) takes the model's and optimizer's state dicts
-    (parameters, BN buffers, optimizer moments) and ``session.state_dict()`` (global RNGs, every
-    loader's epoch and position, the registry). :meth:`replay` restores the checkpoint at or before
-    step `t` and runs `step_fn` until step `t` is done, whatever happened to the RNGs in between.
+    A state is the model's state dict (parameters, buffers), the optimizer's, each of `extra`
+    (objects with ``state_dict``/``load_state_dict`` such as LR schedulers, GradScaler or EMA, or a
+    ``(get, set)`` pair of callables for functional optimizer state), and the session's random
+    state and loader positions. The training loop calls ``maybe_save(step)`` with the number of
+    steps done (``maybe_save(0)`` before the first). Steps are re-run with
+    ``step_fn(step, indices, batch)`` on ``loader.batch_at(step)``, so the loader needs per-example
+    streams; `batch` is what iterating the loader yields, without the indices.
 
-    The training loop calls ``maybe_save(step)`` whenever `step` steps are done (``maybe_save(0)``
-    before the loop), that is, before the batch of step `step` is drawn; `step_fn(batch)` runs one
-    step on the batch the loader hands out. Replay uses the same model, optimizer and loader: run
-    it after training (or on objects built the same way), not inside the training loop.
+    - `schedule`: ``"uniform"`` keeps a state every `every` steps; ``"sqrt"`` every
+      ``ceil(sqrt(steps))`` of a run of `steps` steps (a reverse pass then holds about
+      ``2 * sqrt(steps)`` states and costs about two forward passes); ``"log"`` keeps only the first
+      state and reverses by recursive bisection (at most ``log2(steps) + 2`` states at a time, about
+      ``log2(steps)`` forward passes).
+    - `store`: None keeps states in memory; a directory keeps them on disk (tensors with
+      ``torch.save``, read back with ``weights_only=True``; the session's state as JSON).
 
     >>> import torch
     >>> from seedreg import SeedSession
@@ -87,13 +100,13 @@ class StepCheckpoints:
     >>> model = s.build_model(torch.nn.Linear, None, in_features=2, out_features=1)
     >>> opt = s.build_optimizer(torch.optim.SGD, model.parameters(), lr=0.1)
     >>> loader = s.build_dataloader(torch.randn(8, 2), batch_size=2, shuffle=True)
-    >>> def step_fn(x):
+    >>> def step_fn(step, indices, x):
     ...     opt.zero_grad(); model(x).pow(2).mean().backward(); opt.step()
     >>> ckpt = StepCheckpoints(s, model, opt, loader, every=2)
-    >>> after, step = {}, 0
+    >>> after = {}
     >>> _ = ckpt.maybe_save(0)
-    >>> for x in loader:
-    ...     step_fn(x); after[step] = model.weight.clone(); step += 1; _ = ckpt.maybe_save(step)
+    >>> for t, x in enumerate(loader):
+    ...     step_fn(t, None, x); after[t] = model.weight.clone(); _ = ckpt.maybe_save(t + 1)
     >>> _ = torch.rand(5)  # disturb the global generator
     >>> ckpt.replay(3, step_fn)  # restores the checkpoint of step 2, runs steps 2 and 3
     2
@@ -101,29 +114,132 @@ class StepCheckpoints:
     True
     """
 
-    def __init__(self, session: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Any, *, every: int) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"`every` must be an int >= 1, got {every!r}.")
+    def __init__(
+        self,
+        session: Any,
+        model: torch.nn.Module,
+        optimizer: Any,
+        loader: Any,
+        *,
+        every: Optional[int] = None,
+        schedule: str = "uniform",
+        steps: Optional[int] = None,
+        extra: Sequence[Any] = (),
+        store: Union[None, str, "os.PathLike[str]"] = None,
+    ) -> None:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"`schedule` must be one of {list(SCHEDULES)}, got {schedule!r}.")
+        if steps is not None and (type(steps) is not int or steps < 1):
+            raise ValueError(f"`steps` must be an int >= 1 (the number of training steps), got {steps!r}.")
+        if schedule == "uniform":
+            if type(every) is not int or every < 1:
+                raise ValueError(f"`every` must be an int >= 1 with schedule='uniform', got {every!r}.")
+        else:
+            if steps is None:
+                raise ValueError(f"schedule={schedule!r} needs `steps`, the number of training steps it spreads states over.")
+            if every is not None:
+                raise ValueError(f"`every` goes with schedule='uniform' only; schedule={schedule!r} derives it from `steps`.")
+            every = max(1, math.ceil(math.sqrt(steps))) if schedule == "sqrt" else None
+        self.extra = list(extra)
+        for i, e in enumerate(self.extra):
+            pair = isinstance(e, tuple) and len(e) == 2 and all(callable(f) for f in e)
+            if not pair and not (hasattr(e, "state_dict") and hasattr(e, "load_state_dict")):
+                raise TypeError(
+                    f"`extra[{i}]` ({type(e).__name__}) has no state_dict/load_state_dict; pass such an object (an LR "
+                    f"scheduler, GradScaler, EMA) or a (get_state, set_state) pair of callables."
+                )
+        self.store = None if store is None else pathlib.Path(store)
+        if self.store is not None:
+            if self.store.exists() and not self.store.is_dir():
+                raise ValueError(f"`store` {str(self.store)!r} is a file; give a directory for checkpoints (or None for memory).")
+            self.store.mkdir(parents=True, exist_ok=True)
         self.session = session
         self.model = model
         self.optimizer = optimizer
         self.loader = loader
+        self.schedule = schedule
         self.every = every
-        self.saved: Dict[int, Dict[str, Any]] = {}
+        self.steps = steps
+        self.done = 0  # steps run, as the loop reported them
+        self.saved: Dict[int, Any] = {}  # step -> state (memory) or None (on disk)
+        self.peak_states = 0  # the most states held at once (checkpoints and a reverse pass's)
+        self._extra_states: Dict[int, Dict[str, Any]] = {}  # the log schedule's bisection points
+
+    # -- states ----------------------------------------------------------------------------------
 
     def capture(self) -> Dict[str, Any]:
+        """The whole training state now (copies: later training does not change it)."""
         return {
-            "model": copy.deepcopy(self.model.state_dict()),
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-            "session": self.session.state_dict(),
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": None if self.optimizer is None else copy.deepcopy(self.optimizer.state_dict()),
+            "extra": [copy.deepcopy(e[0]() if isinstance(e, tuple) else e.state_dict()) for e in self.extra],
+            "session": self.session._rewind_state(),
         }
 
+    def _apply(self, state: Mapping[str, Any]) -> None:
+        self.session._rewind(state["session"])  # validated first: a bad state changes nothing
+        with torch.no_grad():
+            self.model.load_state_dict(state["model"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        for e, st in zip(self.extra, state["extra"]):
+            if isinstance(e, tuple):
+                e[1](copy.deepcopy(st))
+            else:
+                e.load_state_dict(copy.deepcopy(st))
+
+    def _put(self, step: int, state: Dict[str, Any]) -> None:
+        if self.store is None:
+            self.saved[step] = state
+        else:
+            tensors = {k: state[k] for k in ("model", "optimizer", "extra")}
+            torch.save(tensors, self.store / f"step-{step}.pt")
+            (self.store / f"step-{step}.json").write_text(json.dumps(state["session"]))
+            self.saved[step] = None
+        self.peak_states = max(self.peak_states, len(self.saved))
+
+    def _get(self, step: int) -> Dict[str, Any]:
+        state = self.saved[step]
+        if state is not None:
+            return state
+        tensors = torch.load(self.store / f"step-{step}.pt", weights_only=True)  # type: ignore[operator]
+        return {**tensors, "session": json.loads((self.store / f"step-{step}.json").read_text())}  # type: ignore[operator]
+
     def maybe_save(self, step: int) -> bool:
-        """Save the state with `step` steps done if `step` is a multiple of `every`; return whether it did."""
-        if step % self.every:
-            return False
-        self.saved[step] = self.capture()
-        return True
+        """Record that `step` steps are done; keep the state if the schedule asks. Returns whether it did."""
+        if type(step) is not int or step < 0:
+            raise ValueError(f"`step` must be an int >= 0 (steps done), got {step!r}.")
+        self.done = max(self.done, step)
+        if self.every is None:
+            keep = step == 0
+        else:
+            keep = step % self.every == 0
+        if keep:
+            self._put(step, self.capture())
+        return keep
+
+    # -- replay ----------------------------------------------------------------------------------
+
+    def _check_step(self, step: Any, name: str = "step") -> int:
+        if type(step) is not int or not 0 <= step < self.done:
+            raise ValueError(
+                f"`{name}` must be a step that was run, an int in [0, {self.done - 1}] ({self.done} steps run), got {step!r}."
+            )
+        return step
+
+    def _batch(self, step: int) -> Tuple[torch.Tensor, Any]:
+        loader = self.loader
+        raw = loader.batch_at(step)
+        if loader._with_indices:
+            return raw[0], (raw[1] if len(raw) == 2 else raw[1:])
+        per_epoch = len(loader)
+        epoch, b = divmod(step, per_epoch)
+        return loader.batch_indices(epoch)[b], raw
+
+    def _run(self, start: int, stop: int, step_fn: Callable[..., Any]) -> None:
+        for s in range(start, stop):
+            indices, batch = self._batch(s)
+            step_fn(s, indices, batch)
 
     def restore(self, step: int) -> int:
         """Restore the nearest checkpoint at or before `step`; return its step."""
@@ -131,27 +247,73 @@ class StepCheckpoints:
         if not candidates:
             raise ValueError(f"no checkpoint at or before step {step}; saved steps: {sorted(self.saved)}.")
         start = max(candidates)
-        state = self.saved[start]
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
-        # a rewind in this process: random state and loader positions only; the registry keeps
-        # every use made since (an eval loader built after training stays, and stays recorded)
-        self.session._load_state(state["session"], registry=False)
+        self._apply(self._get(start))
         return start
 
-    def replay(self, step: int, step_fn: Callable[[Any], Any]) -> int:
-        """Re-run training up to and including `step`: the model then holds the state after `step`."""
+    def state_before(self, step: int, step_fn: Callable[..., Any]) -> int:
+        """Restore the state before step `step` (from the nearest checkpoint, re-running the steps
+        in between); the loader then continues at step `step`. Returns the checkpoint's step."""
+        if type(step) is not int or not 0 <= step <= self.done:
+            raise ValueError(f"`step` must be an int in [0, {self.done}] ({self.done} steps run), got {step!r}.")
         start = self.restore(step)
-        batches: Optional[Iterator[Any]] = None
-        current = start
-        while current <= step:
-            if batches is None:
-                batches = iter(self.loader)
-            try:
-                batch = next(batches)
-            except StopIteration:
-                batches = None
-                continue
-            step_fn(batch)
-            current += 1
+        self._run(start, step, step_fn)
+        self.loader.seek(step)
         return start
+
+    def replay(self, step: int, step_fn: Callable[..., Any]) -> int:
+        """Re-run training up to and including step `step`: the whole state is then exactly as after
+        it, and the loader continues at step ``step + 1``. Returns the checkpoint's step."""
+        self._check_step(step)
+        start = self.restore(step)
+        self._run(start, step + 1, step_fn)
+        self.loader.seek(step + 1)
+        return start
+
+    def reverse(self, step_fn: Callable[..., Any], *, forward: Callable[..., Any]) -> None:
+        """Visit steps ``done - 1 .. 0``, calling ``step_fn(step, indices, batch)`` with the state
+        before each step restored. Segments between checkpoints are recomputed with `forward` (the
+        training step, as given to :meth:`replay`), with memory bounded by the schedule; `step_fn`
+        may leave the state as it likes (a VJP of the step, say)."""
+        if self.done < 1:
+            raise ValueError("reverse() needs a run: no step was reported to maybe_save().")
+        if not callable(step_fn) or not callable(forward):
+            raise TypeError("`step_fn` and `forward` must be callables taking (step, indices, batch).")
+        if self.every is None:
+            self._reverse_log(0, self.done, step_fn, forward, 1)
+            self.loader.seek(0)
+            return
+        starts = sorted(s for s in self.saved if s < self.done)
+        for i in reversed(range(len(starts))):
+            lo = starts[i]
+            hi = starts[i + 1] if i + 1 < len(starts) else self.done
+            self._apply(self._get(lo))
+            segment = []
+            for s in range(lo, hi):
+                segment.append(self.capture())
+                self.peak_states = max(self.peak_states, len(self.saved) + len(segment))
+                indices, batch = self._batch(s)
+                forward(s, indices, batch)
+            for s in reversed(range(lo, hi)):
+                self._apply(segment.pop())
+                indices, batch = self._batch(s)
+                step_fn(s, indices, batch)
+        self.loader.seek(0)
+
+    def _reverse_log(self, lo: int, hi: int, step_fn: Callable[..., Any], forward: Callable[..., Any], held: int) -> None:
+        """Visit steps hi-1 .. lo; the state before `lo` is checkpoint `lo` (bisection, O(log) states)."""
+        self.peak_states = max(self.peak_states, held)
+        if hi - lo == 1:
+            self._apply(self._state_at(lo))
+            indices, batch = self._batch(lo)
+            step_fn(lo, indices, batch)
+            return
+        mid = (lo + hi) // 2
+        self._apply(self._state_at(lo))
+        self._run(lo, mid, forward)
+        self._extra_states[mid] = self.capture()
+        self._reverse_log(mid, hi, step_fn, forward, held + 1)
+        del self._extra_states[mid]
+        self._reverse_log(lo, mid, step_fn, forward, held)
+
+    def _state_at(self, step: int) -> Dict[str, Any]:
+        return self._extra_states[step] if step in self._extra_states else self._get(step)

@@ -21,10 +21,10 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, default_collate, default_convert, get_worker_info
 
 from .derive import mix_seed
-from .errors import StateError
+from .errors import SeedregError, StateError
 from .rng import seed_numpy_global
 from .sampler import DeterministicSampler
 
@@ -68,24 +68,22 @@ class ExampleSeededDataset(torch.utils.data.Dataset):
     """The user's map-style dataset, fetched with per-example random streams.
 
     Keys are ``(epoch, index)`` for one example or ``(epoch, [indices])`` for a batch. Attributes
-    not found here are looked up on the wrapped `dataset`. With `weights` (a bool array over the
-    dataset), each example comes back as ``(example, weight)``, 1.0 where kept and 0.0 where not.
+    not found here are looked up on the wrapped `dataset`. With `indexed`, each example comes back
+    as ``(index, example)`` (the loader's collate turns the indices into a LongTensor).
     """
 
-    def __init__(
-        self, dataset: Any, seed: int, *, per_example: bool = True, weights: Optional[np.ndarray] = None, streams: int = STREAMS
-    ) -> None:
+    def __init__(self, dataset: Any, seed: int, *, per_example: bool = True, indexed: bool = False, streams: int = STREAMS) -> None:
         self.dataset = dataset
         self.seed = seed
         self.per_example = per_example
         self._mask = _TORCH_SEED_MASK[streams]
-        self.weights = weights
+        self.indexed = indexed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("dataset", "seed", "per_example", "weights", "_mask") or name.startswith("__"):
+        if name in ("dataset", "seed", "per_example", "indexed", "_mask") or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
@@ -104,19 +102,29 @@ class ExampleSeededDataset(torch.utils.data.Dataset):
             np.random.set_state(npst)
             _default_generator.set_state(cpu)
 
-    def _weighted(self, indices: List[int], items: List[Any]) -> List[Any]:
-        if self.weights is None:
-            return items
-        w = self.weights
-        return [(item, 1.0 if w[i] else 0.0) for i, item in zip(indices, items)]
-
     def __getitems__(self, key: Tuple[int, List[int]]) -> List[Any]:
         epoch, indices = key
-        return self._weighted(indices, self._fetch(epoch, indices))
+        items = self._fetch(epoch, indices)
+        return list(zip(indices, items)) if self.indexed else items
 
     def __getitem__(self, key: Tuple[int, int]) -> Any:
         epoch, index = key
-        return self._weighted([index], self._fetch(epoch, [index]))[0]
+        item = self._fetch(epoch, [index])[0]
+        return (index, item) if self.indexed else item
+
+
+class _IndexedCollate:
+    """Collates ``(index, example)`` pairs into ``(LongTensor of indices, the user's batch)``."""
+
+    def __init__(self, collate: Callable[[Any], Any], batched: bool) -> None:
+        self.collate = collate
+        self.batched = batched
+
+    def __call__(self, samples: Any) -> Tuple[torch.Tensor, Any]:
+        if not self.batched:
+            index, item = samples
+            return torch.tensor(index, dtype=torch.long), self.collate(item)
+        return torch.tensor([i for i, _ in samples], dtype=torch.long), self.collate([x for _, x in samples])
 
 
 class _WorkerInit:
@@ -212,7 +220,7 @@ class _Tracked:
         if loader._before_batch is not None:
             loader._before_batch()
         try:
-            batch = next(self._it)
+            batch = loader._finish(next(self._it))
         except StopIteration:
             sampler = loader.sampler
             sampler.position = len(sampler)
@@ -247,6 +255,8 @@ class SeededDataLoader(DataLoader):
         drop_last: bool = False,
         seed_per_example: bool = True,
         weights: Optional[np.ndarray] = None,
+        with_indices: bool = False,
+        example_weights: Optional[torch.Tensor] = None,
         worker_init_fn: Optional[Callable[[int], None]] = None,
         streams: int = STREAMS,
         **kwargs: Any,
@@ -260,7 +270,16 @@ class SeededDataLoader(DataLoader):
         self._use = 1  # which use of ("dataloader", instance_id) built it: the session sets it
         self._before_batch: Optional[Callable[[], None]] = None
         self._plan: Optional[Tuple[int, List[int]]] = None
-        wrapped = ExampleSeededDataset(dataset, seed, per_example=seed_per_example, weights=weights, streams=streams)
+        self._with_indices = with_indices
+        self._subset_weights = None if weights is None else torch.from_numpy(np.asarray(weights, dtype=np.float32))
+        self._example_weights = example_weights
+        indexed = with_indices or weights is not None or example_weights is not None
+        if indexed:
+            collate = kwargs.pop("collate_fn", None)
+            if collate is None:
+                collate = default_collate if batch_size is not None else default_convert
+            kwargs["collate_fn"] = _IndexedCollate(collate, batch_size is not None)
+        wrapped = ExampleSeededDataset(dataset, seed, per_example=seed_per_example, indexed=indexed, streams=streams)
         super().__init__(
             wrapped,
             batch_size=batch_size,
@@ -275,6 +294,62 @@ class SeededDataLoader(DataLoader):
     def _index_sampler(self) -> _KeyedBatches:  # type: ignore[override]
         # a new object each time: a loader that held its own would be freed only by the cyclic collector
         return _KeyedBatches(self)
+
+    def _finish(self, raw: Any) -> Any:
+        """What the loop receives: the batch, with its indices and weights when asked for."""
+        if not self.dataset.indexed:
+            return raw
+        indices, batch = raw
+        weights = None
+        if self._subset_weights is not None:
+            weights = self._subset_weights[indices]
+        if self._example_weights is not None:
+            ew = self._example_weights[indices.to(self._example_weights.device)]
+            weights = ew if weights is None else ew * weights.to(ew)
+        out = ((indices,) if self._with_indices else ()) + (batch,) + (() if weights is None else (weights,))
+        return out if len(out) > 1 else batch
+
+    def batch_indices(self, epoch: int) -> List[torch.Tensor]:
+        """The dataset indices of every batch of `epoch` on this rank, in order, without loading data."""
+        indices = self.sampler.order(epoch)
+        if self.batch_size is None:
+            return [torch.tensor([i], dtype=torch.long) for i in indices]
+        return [torch.tensor(b, dtype=torch.long) for _, b in _KeyedBatches._batches(epoch, indices, self.batch_size, self.drop_last)]
+
+    def batch_at(self, step: int) -> Any:
+        """The batch of global step `step` (epochs in order: epoch ``step // len(loader)``), equal
+        byte for byte to what iteration yielded at that step, random streams included; with
+        ``with_indices`` as ``(indices, batch)``. Nothing about the loader or the global
+        generators changes. Needs per-example streams (``seed_per_example=True``)."""
+        if type(step) is not int or step < 0:
+            raise ValueError(f"`step` must be an int >= 0, got {step!r}.")
+        if not self.dataset.per_example:
+            raise SeedregError(
+                "batch_at() needs seed_per_example=True: with per-worker streams a batch's random draws depend on "
+                "which worker fetched it and what it fetched before."
+            )
+        per_epoch = len(self)
+        if per_epoch == 0:
+            raise SeedregError("this loader yields no batch per epoch (drop_last with fewer samples than a batch).")
+        epoch, b = divmod(step, per_epoch)
+        indices = self.batch_indices(epoch)[b].tolist()
+        if self.batch_size is None:
+            raw = self.collate_fn(self.dataset[(epoch, indices[0])])
+        else:
+            raw = self.collate_fn(self.dataset.__getitems__((epoch, indices)))
+        return self._finish(raw)
+
+    def seek(self, step: int) -> None:
+        """Continue at global step `step` (epochs in order): the next batch drawn is ``batch_at(step)``."""
+        if type(step) is not int or step < 0:
+            raise ValueError(f"`step` must be an int >= 0, got {step!r}.")
+        per_epoch = len(self)
+        epoch, b = divmod(step, per_epoch) if per_epoch else (0, 0)
+        sampler = self.sampler
+        sampler.set_epoch(epoch)
+        sampler.position = min(b * (self.batch_size or 1), sampler.num_samples)
+        sampler._started = False
+        sampler._exhausted = False
 
     @property
     def seed(self) -> int:

@@ -344,6 +344,8 @@ class SeedSession:
         seed_per_example: bool = True,
         subset: Any = None,
         subset_mode: str = "drop",
+        with_indices: bool = False,
+        example_weights: Optional[torch.Tensor] = None,
         **dataloader_kwargs: Any,
     ) -> SeededDataLoader:
         """A DataLoader whose order, augmentation and position are determined by the seed of
@@ -356,8 +358,13 @@ class SeedSession:
           change results; otherwise each worker is seeded from (loader seed, epoch, worker id).
         - `subset` (a bool mask or indices) keeps only those examples, in the order they have in
           the full loader, with the same per-example streams; ``subset_mode="weight"`` keeps every
-          batch of the full run and yields ``(batch, weights)`` with weight 0.0 for removed examples.
+          batch of the full run and yields ``(batch, weights)`` (float32) with 0.0 for removed examples.
           Several loaders may share one key (the LDS pattern): each is its own recorded use.
+        - `with_indices` yields ``(indices, batch)`` (a LongTensor of dataset indices);
+          `example_weights` (a float tensor over the dataset, which may require grad) yields
+          ``weights[indices]`` after the batch (times the subset's 0/1 weights in weight mode), so a
+          loss can be weighted differentiably. ``loader.batch_at(step)`` and
+          ``loader.batch_indices(epoch)`` give any batch, or its indices, at random.
         - The loader reports to the session while the program holds it: ``state_dict()`` and the
           manifest include it.
         """
@@ -374,14 +381,21 @@ class SeedSession:
             raise ValueError(f"`batch_size` must be an int >= 1 or None, got {batch_size!r}.")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"`num_workers` must be an int >= 0, got {num_workers!r}.")
-        if type(shuffle) is not bool or type(drop_last) is not bool or type(seed_per_example) is not bool:
-            name, value = next((n, v) for n, v in (("shuffle", shuffle), ("drop_last", drop_last), ("seed_per_example", seed_per_example)) if type(v) is not bool)
-            raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+        flags = (("shuffle", shuffle), ("drop_last", drop_last), ("seed_per_example", seed_per_example), ("with_indices", with_indices))
+        for name, value in flags:
+            if type(value) is not bool:
+                raise TypeError(f"`{name}` must be a bool, got {value!r}.")
         if subset_mode not in ("drop", "weight"):
             raise ValueError(f"`subset_mode` must be 'drop' or 'weight', got {subset_mode!r}.")
         size = len(dataset)
         if size < 1:
             raise ValueError("`dataset` is empty (len 0); a loader needs at least one example.")
+        if example_weights is not None:
+            if not isinstance(example_weights, torch.Tensor) or not example_weights.is_floating_point() or example_weights.shape != (size,):
+                got = f"{example_weights.dtype} tensor of shape {tuple(example_weights.shape)}" if isinstance(example_weights, torch.Tensor) else type(example_weights).__name__
+                raise ValueError(f"`example_weights` must be a floating-point tensor of shape ({size},), one weight per example, got a {got}.")
+        if with_indices and "collate_fn" in dataloader_kwargs and not callable(dataloader_kwargs["collate_fn"]):
+            raise TypeError(f"`collate_fn` must be callable to carry indices with `with_indices=True`, got {dataloader_kwargs['collate_fn']!r}.")
         weights = None
         sampler_subset = None
         digest = None
@@ -411,6 +425,8 @@ class SeedSession:
             weights=weights,
             num_workers=num_workers,
             streams=streams,
+            with_indices=with_indices,
+            example_weights=example_weights,
             **dataloader_kwargs,
         )
         loader._use = use
@@ -426,6 +442,8 @@ class SeedSession:
             "subset_mode": None if subset is None else subset_mode,
             "world_size": self.world_size,
             "streams": streams,
+            "with_indices": with_indices,
+            "example_weights": None if example_weights is None else f"{example_weights.dtype}[{size}]",
         }
         # With per-example streams the number of workers changes nothing a replay could see.
         self._registry.detail("dataloader", instance_id, use, details, ignore=("num_workers",) if seed_per_example else ())
@@ -563,11 +581,35 @@ class SeedSession:
         restored right before the next batch is drawn from any of this session's loaders (so
         nothing that runs in between can consume them), or at once if the session has no loaders.
         """
-        self._load_state(state, registry=True)
+        self._load_state(state)
 
-    def _load_state(self, state: Mapping[str, Any], *, registry: bool) -> None:
-        """Validate `state` whole, then apply it; with `registry=False` (an in-process rewind, as
-        StepCheckpoints does) the registry and its uses stay as they are."""
+    def _rewind_state(self) -> Dict[str, Any]:
+        """The random state and loader positions alone (JSON-native), for an in-process rewind."""
+        rng = self._pending_rng[1] if self._pending_rng is not None else capture_global()
+        return {"rng": rng, "loaders": [loader.state_dict() for loader in self._live_loaders()]}
+
+    def _rewind(self, state: Mapping[str, Any]) -> None:
+        """Put back :meth:`_rewind_state` at once (StepCheckpoints): the registry and its uses stay
+        as they are, and loaders built since are left alone. Validated whole before anything changes."""
+        if not isinstance(state, Mapping) or set(state) != {"rng", "loaders"}:
+            raise StateError("a rewind state must be a dict with 'rng' and 'loaders' (from a StepCheckpoints checkpoint).")
+        rng = decode_global(state["rng"])
+        pairs = self._match_loaders(state["loaders"], STATE_VERSION)
+        snapshots = [(loader, loader.state_dict()) for loader, _ in pairs]
+        try:
+            for loader, loader_state in pairs:
+                loader.load_state_dict(loader_state)
+        except SeedregError:
+            for loader, snapshot in snapshots:
+                loader.load_state_dict(snapshot)
+            raise
+        self._pending_rng = None
+        for loader in self._live_loaders():
+            loader._before_batch = None
+        restore_global(rng)
+
+    def _load_state(self, state: Mapping[str, Any]) -> None:
+        """Validate `state` whole, then apply it."""
         if not isinstance(state, Mapping):
             raise StateError(f"`state` must be a dict from SeedSession.state_dict(), got {type(state).__name__}.")
         version = state.get("version")
@@ -595,7 +637,7 @@ class SeedSession:
         except SeedregError as exc:
             raise StateError(str(exc)) from None
         memo = self._registry.memo_from_records(records)
-        if self._replay is not None and registry:
+        if self._replay is not None:
             try:
                 self._replay.check_state(records)
             except ReplayMismatchError as exc:
@@ -610,8 +652,7 @@ class SeedSession:
             for loader, snapshot in snapshots:
                 loader.load_state_dict(snapshot)
             raise
-        if registry:
-            self._registry.install(memo)
+        self._registry.install(memo)
         loaders = self._live_loaders()
         if loaders:
             self._pending_rng = (rng, state["rng"])

@@ -22,7 +22,7 @@ DATA = pathlib.Path(__file__).resolve().parent / "data"
 
 
 def _loss_step(model, optimizer):
-    def step(batch):
+    def step(step, indices, batch):
         x, y = batch
         model.train()
         optimizer.zero_grad()
@@ -298,7 +298,7 @@ class TestStepCheckpointsKeepTheRegistry:
         after = {}
         ckpt.maybe_save(0)
         for t, batch in enumerate(loader):
-            step_fn(batch)
+            step_fn(t, None, batch)
             after[t] = model.head.weight.detach().clone()
             ckpt.maybe_save(t + 1)
         return model, loader, ckpt, step_fn, after
