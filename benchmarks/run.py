@@ -334,6 +334,65 @@ def bench_study(t: Table, q: bool, tmp: str) -> None:
     t.add(f"study.audit ({models:,} models x {examples:,} examples)", took, None, "< 60 s", took < 60, note=f"{took:.1f} s")
 
 
+def bench_checkpoints(t: Table, q: bool) -> None:
+    """MAGIC-style reverse passes: time against one forward pass, and the states each schedule keeps."""
+    import math
+
+    from seedreg import StepCheckpoints
+
+    steps = 60 if q else 1_000
+    data = torch.utils.data.TensorDataset(torch.randn(200, 32), torch.randint(0, 4, (200,)))
+
+    def build(schedule: str):
+        s = SeedSession(3).setup()
+        model = s.build_model(lambda: torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(64, 4)), "m")
+        opt = s.build_optimizer(torch.optim.SGD, model.parameters(), "m", lr=0.05, momentum=0.9)
+        loader = s.build_dataloader(data, "d", batch_size=10, shuffle=True)
+
+        def step_fn(step, indices, batch):
+            x, y = batch
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        every = 1 if schedule == "every" else None
+        ckpt = StepCheckpoints(s, model, opt, loader, schedule="uniform" if schedule == "every" else schedule, every=every, steps=steps)
+        return s, model, loader, ckpt, step_fn
+
+    def forward(loader, ckpt, step_fn) -> float:
+        start = time.perf_counter()
+        ckpt.maybe_save(0)
+        step = 0
+        while step < steps:
+            for batch in loader:
+                step_fn(step, None, batch)
+                step += 1
+                ckpt.maybe_save(step)
+                if step == steps:
+                    break
+        return time.perf_counter() - start
+
+    def state_bytes(ckpt) -> int:
+        st = ckpt.capture()
+        tensors = list(st["model"].values()) + [v for p in st["optimizer"]["state"].values() for v in p.values() if torch.is_tensor(v)]
+        return sum(x.numel() * x.element_size() for x in tensors) + len(json.dumps(st["session"]))
+
+    _, _, loader, ckpt, step_fn = build("every")
+    forward(loader, ckpt, step_fn)
+    every_states, size = len(ckpt.saved), state_bytes(ckpt)
+    for schedule, bound, bound_text in (("sqrt", 2 * math.ceil(math.sqrt(steps)), "2*sqrt(T)"), ("log", math.log2(steps) + 2, "log2(T)+2")):
+        _, _, loader, ckpt, step_fn = build(schedule)
+        fwd = forward(loader, ckpt, step_fn)
+        start = time.perf_counter()
+        ckpt.reverse(lambda step, indices, batch: None, forward=step_fn)
+        rev = time.perf_counter() - start
+        target = "<= 2.5x" if schedule == "sqrt" else "(none)"
+        t.add(f"reverse pass, {schedule} schedule ({steps:,} steps) vs one forward pass", rev, fwd, target, schedule != "sqrt" or rev / fwd <= 2.5)
+        kept = ckpt.peak_states
+        t.add(f"states held, {schedule} schedule (every state: {every_states:,})", kept, None, f"<= {bound_text} = {bound:.0f}", kept <= bound,
+              note=f"{kept} states, {kept * size / 1e6:.2f} MB (every state: {every_states * size / 1e6:.1f} MB) bytes")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
@@ -358,6 +417,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         bench_manifest(t, args.quick, tmp)
         bench_memory(t, args.quick)
         bench_study(t, args.quick, tmp)
+        bench_checkpoints(t, args.quick)
         bench_epoch(t, args.quick)
     print()
     print(t.markdown())

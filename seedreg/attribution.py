@@ -20,6 +20,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 import numpy as np
 import torch
 
+from . import rng
+
 __all__ = ["make_subset_mask", "mask_digest", "StepCheckpoints", "MASK_MODES"]
 
 MASK_MODES = ("fixed", "bernoulli")
@@ -95,6 +97,8 @@ class StepCheckpoints:
       ``torch.save``, read back with ``weights_only=True``; the session's state as JSON).
 
     >>> import torch
+
+from . import rng
     >>> from seedreg import SeedSession
     >>> s = SeedSession(0)
     >>> model = s.build_model(torch.nn.Linear, None, in_features=2, out_features=1)
@@ -169,24 +173,39 @@ class StepCheckpoints:
 
     def capture(self) -> Dict[str, Any]:
         """The whole training state now (copies: later training does not change it)."""
+        return {**self.capture_training(), "session": self.session._rewind_state()}
+
+    def _capture_fast(self) -> Dict[str, Any]:
+        """A state held only for the length of a reverse pass: the global generators as the
+        libraries give them (no encoding, nothing to validate coming back); loader positions are
+        not needed (steps are fetched with batch_at)."""
+        state = self.capture_training()
+        state["rng"] = rng.capture_raw()
+        return state
+
+    def capture_training(self) -> Dict[str, Any]:
         return {
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
             "optimizer": None if self.optimizer is None else copy.deepcopy(self.optimizer.state_dict()),
             "extra": [copy.deepcopy(e[0]() if isinstance(e, tuple) else e.state_dict()) for e in self.extra],
-            "session": self.session._rewind_state(),
         }
 
-    def _apply(self, state: Mapping[str, Any]) -> None:
-        self.session._rewind(state["session"])  # validated first: a bad state changes nothing
+    def _apply(self, state: Mapping[str, Any], *, last_use: bool = False) -> None:
+        """Put `state` back; with `last_use` (a reverse pass's own state, used once) without copying it."""
+        if "rng" in state:
+            rng.restore_raw(state["rng"])
+        else:
+            self.session._rewind(state["session"])  # validated first: a bad state changes nothing
+        keep = (lambda x: x) if last_use else copy.deepcopy
         with torch.no_grad():
             self.model.load_state_dict(state["model"])
         if self.optimizer is not None:
-            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+            self.optimizer.load_state_dict(keep(state["optimizer"]))
         for e, st in zip(self.extra, state["extra"]):
             if isinstance(e, tuple):
-                e[1](copy.deepcopy(st))
+                e[1](keep(st))
             else:
-                e.load_state_dict(copy.deepcopy(st))
+                e.load_state_dict(keep(st))
 
     def _put(self, step: int, state: Dict[str, Any]) -> None:
         if self.store is None:
@@ -289,13 +308,13 @@ class StepCheckpoints:
             self._apply(self._get(lo))
             segment = []
             for s in range(lo, hi):
-                segment.append(self.capture())
-                self.peak_states = max(self.peak_states, len(self.saved) + len(segment))
                 indices, batch = self._batch(s)
+                segment.append((self._capture_fast(), indices, batch))
+                self.peak_states = max(self.peak_states, len(self.saved) + len(segment))
                 forward(s, indices, batch)
             for s in reversed(range(lo, hi)):
-                self._apply(segment.pop())
-                indices, batch = self._batch(s)
+                state, indices, batch = segment.pop()
+                self._apply(state, last_use=True)
                 step_fn(s, indices, batch)
         self.loader.seek(0)
 
@@ -310,7 +329,7 @@ class StepCheckpoints:
         mid = (lo + hi) // 2
         self._apply(self._state_at(lo))
         self._run(lo, mid, forward)
-        self._extra_states[mid] = self.capture()
+        self._extra_states[mid] = self._capture_fast()
         self._reverse_log(mid, hi, step_fn, forward, held + 1)
         del self._extra_states[mid]
         self._reverse_log(lo, mid, step_fn, forward, held)

@@ -12,7 +12,7 @@ import math
 import random
 import struct
 import threading
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -306,3 +306,19 @@ def restore_global(decoded: Mapping[str, Any]) -> None:
     _default_generator.set_state(decoded["torch"])
     for dev, data in decoded["cuda"].items():
         torch.cuda.set_rng_state(data, dev)
+
+
+def capture_raw() -> Tuple[Any, ...]:
+    """The global generators' states as the libraries give them, for an in-process rewind."""
+    devices = cuda_devices_in_use()
+    return (random.getstate(), np.random.get_state(), _default_generator.get_state(), [(d, torch.cuda.get_rng_state(d)) for d in devices])
+
+
+def restore_raw(state: Tuple[Any, ...]) -> None:
+    """Put back :func:`capture_raw`'s states."""
+    py, npst, cpu, cuda = state
+    random.setstate(py)
+    np.random.set_state(npst)
+    _default_generator.set_state(cpu)
+    for d, st in cuda:
+        torch.cuda.set_rng_state(st, d)
