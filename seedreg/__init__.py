@@ -23,6 +23,7 @@ from .manifest import Manifest
 from .records import SeedRecord, Use
 from .sampler import DeterministicSampler
 from .session import SeedSession
+from .streaming import SeededIterableLoader
 from .study import Study, StudyError, StudyRun, lds_score
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "SeedRecord",
     "SeedSession",
     "SeededDataLoader",
+    "SeededIterableLoader",
     "SeedregError",
     "StateError",
     "StepCheckpoints",

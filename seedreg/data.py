@@ -391,7 +391,17 @@ class SeededDataLoader(DataLoader):
             "batch_size": self.batch_size,
             "drop_last": self.drop_last,
             "sampler": self.sampler.state_dict(),
+            "dataset_state": self._dataset_state(),
         }
+
+    def _dataset_state(self) -> Any:
+        """The user's dataset's own state (a curriculum, a cache), when it has ``state_dict``."""
+        user = self.dataset.dataset
+        if not (hasattr(user, "state_dict") and hasattr(user, "load_state_dict")):
+            return None
+        from .streaming import _jsonable_state
+
+        return _jsonable_state(user.state_dict(), "the dataset's state_dict()")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume at the first batch not consumed when `state` was taken."""
@@ -408,4 +418,14 @@ class SeededDataLoader(DataLoader):
                 )
         if "sampler" not in state:
             raise StateError("loader state is missing 'sampler'.")
+        dataset_state = state.get("dataset_state")
+        user = self.dataset.dataset
+        if dataset_state is not None:
+            if not hasattr(user, "load_state_dict"):
+                raise StateError("loader state holds a dataset state but this loader's dataset has no load_state_dict.")
+            from .streaming import _jsonable_state
+
+            _jsonable_state(dataset_state, "loader state['dataset_state']")
         self.sampler.load_state_dict(state["sampler"])
+        if dataset_state is not None:
+            user.load_state_dict(dataset_state)

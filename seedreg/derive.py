@@ -227,7 +227,7 @@ def derivation_input(
     return _INPUTS[check_scheme(scheme)](master_seed, purpose, instance_id)
 
 
-_PACKERS = {n: struct.Struct(f"<{n}Q").pack for n in range(1, 6)}
+_PACKERS = {n: struct.Struct(f"<{n}Q").pack for n in range(1, 8)}
 
 
 def mix_seed(*values: int) -> int:

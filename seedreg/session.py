@@ -20,6 +20,7 @@ import torch
 from . import distributed as _dist
 from .attribution import make_subset_mask, mask_digest
 from .data import STREAMS, SeededDataLoader
+from .streaming import SeededIterableLoader, check_iterable_args
 from .derive import DEFAULT_SCHEME, InstanceId, check_instance_id, check_master_seed, check_scheme
 from .determinism import DeterminismSettings, ViolationLog, apply_settings, environment
 from .errors import ReplayMismatchError, SeedregError, StateError
@@ -371,10 +372,11 @@ class SeedSession:
         if dataloader_kwargs and not _REFUSED_LOADER_ARGS.keys().isdisjoint(dataloader_kwargs):
             name = next(n for n in _REFUSED_LOADER_ARGS if n in dataloader_kwargs)
             raise TypeError(f"build_dataloader() does not take `{name}`: {_REFUSED_LOADER_ARGS[name]}.")
-        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+        if not iterable and (not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__")):
             raise TypeError(
-                f"`dataset` must be a map-style dataset (with __getitem__ and __len__), got {type(dataset).__name__}; "
-                f"iterable datasets have no order for a sampler to fix."
+                f"`dataset` must be a map-style dataset (with __getitem__ and __len__) or a torch IterableDataset, "
+                f"got {type(dataset).__name__}."
             )
         instance_id = check_instance_id(instance_id)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
@@ -387,6 +389,11 @@ class SeedSession:
                 raise TypeError(f"`{name}` must be a bool, got {value!r}.")
         if subset_mode not in ("drop", "weight"):
             raise ValueError(f"`subset_mode` must be 'drop' or 'weight', got {subset_mode!r}.")
+        if iterable:
+            return self._build_iterable_loader(
+                dataset, instance_id, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
+                subset=subset, with_indices=with_indices, example_weights=example_weights, **dataloader_kwargs,
+            )
         size = len(dataset)
         if size < 1:
             raise ValueError("`dataset` is empty (len 0); a loader needs at least one example.")
@@ -447,6 +454,32 @@ class SeedSession:
         }
         # With per-example streams the number of workers changes nothing a replay could see.
         self._registry.detail("dataloader", instance_id, use, details, ignore=("num_workers",) if seed_per_example else ())
+        self._loaders[self._loaders_built] = loader
+        self._loaders_built += 1
+        if self._pending_rng is not None:
+            loader._before_batch = self._apply_pending_rng
+        return loader
+
+    def _build_iterable_loader(self, dataset: Any, instance_id: InstanceId, *, batch_size: Optional[int], shuffle: bool,
+                               num_workers: int, drop_last: bool, subset: Any, with_indices: bool, example_weights: Any,
+                               **dataloader_kwargs: Any) -> SeededIterableLoader:
+        check_iterable_args(dataset, shuffle=shuffle, subset=subset, with_indices=with_indices, example_weights=example_weights)
+        seed, use = self._registry.use("dataloader", instance_id, "dataloader")
+        loader = SeededIterableLoader(
+            dataset, seed=seed, instance_id=instance_id, batch_size=batch_size, drop_last=drop_last, num_workers=num_workers,
+            rank=self.rank, world_size=self.world_size, **dataloader_kwargs,
+        )
+        loader._use = use
+        details = {
+            "dataset_kind": "iterable",
+            "batch_size": batch_size,
+            "drop_last": drop_last,
+            "num_workers": num_workers,
+            "world_size": self.world_size,
+            "worker_split": f"{self.world_size} rank(s) x {max(1, num_workers)} stream(s)",
+            "resume_mode": loader.resume_mode,
+        }
+        self._registry.detail("dataloader", instance_id, use, details)
         self._loaders[self._loaders_built] = loader
         self._loaders_built += 1
         if self._pending_rng is not None:

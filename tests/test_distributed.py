@@ -18,14 +18,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_PORT_TROUBLE = ("address already in use", "eaddrinuse", "distnetworkerror", "failed to bind", "connection refused")
+
+
 def launch(out, *flags):
-    """torchrun --nproc-per-node 2 examples/ddp_train.py; every collective has a 60 s timeout."""
-    run_python(
-        ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-         ROOT / "examples/ddp_train.py", "--out", out, *flags],
-        timeout=240,
-    )
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    """torchrun --nproc-per-node 2 examples/ddp_train.py; every collective has a 60 s timeout.
+
+    The rendezvous port is picked free, then bound by torchrun a moment later; another job on the
+    machine can take it in between, so a launch that fails on the port is tried again on another.
+    """
+    for attempt in range(3):
+        proc = run_python(
+            ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+             ROOT / "examples/ddp_train.py", "--out", out, *flags],
+            timeout=240,
+            check=False,
+        )
+        if proc.returncode == 0:
+            return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+        if attempt == 2 or not any(p in proc.stderr.lower() for p in _PORT_TROUBLE):
+            raise AssertionError(f"torchrun exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}")
 
 
 @pytest.fixture(scope="module")
