@@ -5,26 +5,54 @@ instance id), records it, hands out seeded builders, and writes a manifest a run
 and verified from. Importing seedreg changes no global state.
 """
 
+from typing import Any
+
 from ._version import __version__
-from .attribution import StepCheckpoints, make_subset_mask
-from .data import SeededDataLoader
-from .derive import SCHEMES, derive_seed
-from .determinism import DeterminismSettings
-from .errors import (
-    ManifestError,
-    ManifestWriteError,
-    ReplayMismatchError,
-    SeedCollisionError,
-    SeedregError,
-    StateError,
-)
-from .fingerprint import fingerprint
-from .manifest import Manifest
-from .records import SeedRecord, Use
-from .sampler import DeterministicSampler
-from .session import SeedSession
-from .streaming import SeededIterableLoader
-from .study import Study, StudyError, StudyRun, lds_score
+from .fingerprint import fingerprint  # a function named like its module: bound here, once (no torch)
+
+# Where each public name lives. Importing seedreg loads none of them (and so not torch): the
+# command line's derive, show, diff and study start in a fraction of a second. A name is
+# imported the first time it is used (PEP 562).
+_WHERE = {
+    "DeterminismSettings": "determinism",
+    "DeterministicSampler": "sampler",
+    "Manifest": "manifest",
+    "ManifestError": "errors",
+    "ManifestWriteError": "errors",
+    "ReplayMismatchError": "errors",
+    "SCHEMES": "derive",
+    "SeedCollisionError": "errors",
+    "SeedRecord": "records",
+    "SeedSession": "session",
+    "SeededDataLoader": "data",
+    "SeededIterableLoader": "streaming",
+    "SeedregError": "errors",
+    "StateError": "errors",
+    "StepCheckpoints": "attribution",
+    "Study": "study",
+    "StudyError": "study",
+    "StudyRun": "study",
+    "Use": "records",
+    "derive_seed": "derive",
+    "lds_score": "study",
+    "make_subset_mask": "masks",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'seedreg' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_WHERE))
+
 
 __all__ = [
     "DeterminismSettings",

@@ -14,6 +14,7 @@ import sys
 import tempfile
 from typing import Any, List, Optional, Sequence
 
+from ._version import __version__
 from .derive import DEFAULT_SCHEME, SCHEMES, derive_seed
 
 __all__ = ["main"]
@@ -182,23 +183,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="seedreg", description="Reproducible, auditable PyTorch training: seeds, manifests, replay.")
+    parser.add_argument("--version", action="version", version=f"seedreg {__version__}", help="print seedreg's version and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("derive", help="print the seed of (MASTER, PURPOSE, INSTANCE_ID)")
-    p.add_argument("master")
-    p.add_argument("purpose")
-    p.add_argument("instance_id", nargs="?", help="digits are an int; prefix with s: to force a str")
-    p.add_argument("--scheme", default=DEFAULT_SCHEME, choices=sorted(SCHEMES))
+    p.add_argument("master", help="the master seed, an int in [0, 2**32 - 1]")
+    p.add_argument("purpose", help="what the seed is for, e.g. model or dataloader")
+    p.add_argument("instance_id", nargs="?", help="which one: digits are an int; prefix with s: to force a str (default: none)")
+    p.add_argument("--scheme", default=DEFAULT_SCHEME, choices=sorted(SCHEMES), help=f"the derivation (default {DEFAULT_SCHEME})")
     p.set_defaults(fn=_cmd_derive)
-    p = sub.add_parser("show", help="show a manifest: records, settings, environment, violations")
-    p.add_argument("manifest")
+    p = sub.add_parser("show", help="show a manifest: records and their uses, results, settings, environment, violations")
+    p.add_argument("manifest", help="the manifest file (written by SeedSession.dump)")
     p.add_argument("--json", action="store_true", help="print the validated manifest as JSON")
     p.set_defaults(fn=_cmd_show)
     p = sub.add_parser("diff", help="what differs between two manifests; exit 1 if anything does")
-    p.add_argument("a")
-    p.add_argument("b")
+    p.add_argument("a", help="the first manifest file")
+    p.add_argument("b", help="the second manifest file")
     p.set_defaults(fn=_cmd_diff)
     p = sub.add_parser("env", help="this machine's determinism readiness")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the environment and the checks as JSON")
     p.set_defaults(fn=_cmd_env)
     p = sub.add_parser("study", help="audit or count a study's models (exit 1 when the audit finds problems)")
     p.add_argument("action", choices=["audit", "status"], help="audit: check every model; status: done / missing counts")
@@ -207,9 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_study)
     p = sub.add_parser("demo", help="train, write the manifest, replay it in a fresh process, compare")
     p.add_argument("--out", help="directory for the manifests and weights (default: a new temporary one)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=42, help="the master seed (default 42)")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
     p.set_defaults(fn=_cmd_demo)
     return parser
 

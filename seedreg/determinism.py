@@ -22,9 +22,10 @@ import torch
 
 from ._version import __version__
 
-__all__ = ["DeterminismSettings", "apply_settings", "environment", "ViolationLog", "CUBLAS_DEFAULT"]
+__all__ = ["BITWISE_KEYS", "DeterminismSettings", "apply_settings", "environment", "ViolationLog", "CUBLAS_DEFAULT"]
 
 from ._log import enabled as log_enabled
+from .replay import BITWISE_KEYS  # re-exported: 0.1.0 defined it here
 from ._log import logger as log
 
 CUBLAS_VAR = "CUBLAS_WORKSPACE_CONFIG"
@@ -233,26 +234,6 @@ def _compiled_graphs() -> Optional[int]:
         return None
 
 
-#: Environment keys whose difference rules out bitwise equality of a replay.
-BITWISE_KEYS = (
-    "platform",
-    "cpu_capability",
-    "num_threads",  # measured: a TinyCNN epoch on 1 and 2 CPU threads ends with different weights
-    "torch",
-    "numpy",
-    "cuda",
-    "cudnn",
-    "gpus",
-    "cublas_workspace_config",
-    "deterministic_algorithms",
-    "cudnn_deterministic",
-    "cudnn_benchmark",
-    "cudnn_allow_tf32",
-    "cuda_matmul_allow_tf32",
-    "float32_matmul_precision",
-    "autocast_cpu",
-    "world_size",
-)
 
 
 def readiness(env: Dict[str, Any]) -> List[Dict[str, str]]:

@@ -338,10 +338,18 @@ class Manifest:
         second = data.find(b"\n", first + 1)
         match = _CHECKSUM_LINE.match(data[first + 1 : second].decode("ascii", "replace")) if data[:first] == b"{" and second > 0 else None
         if match is None:
-            raise ManifestError(
-                "manifest has no checksum on its second line: it is not a seedreg manifest, or was reformatted "
-                "(seedreg writes one record per line with the checksum on line 2; reformatting breaks it)."
-            )
+            try:
+                parsed = json.loads(data)
+            except (ValueError, RecursionError):
+                parsed = None
+            if isinstance(parsed, dict) and parsed.get("format") == FORMAT:
+                raise ManifestError(
+                    "this is a seedreg manifest that was reformatted (seedreg writes one record per line with the "
+                    "checksum on line 2, and the checksum covers those bytes); use the file seedreg wrote."
+                )
+            if parsed is not None:
+                raise ManifestError(f"this JSON file is not a seedreg manifest (it has no \"format\": \"{FORMAT}\").")
+            raise ManifestError("manifest has no checksum on its second line: it is not a seedreg manifest, or is damaged.")
         digest = hashlib.sha256(b"{\n")
         digest.update(memoryview(data)[second + 1 :])
         if "sha256:" + digest.hexdigest() != match.group(1):

@@ -16,11 +16,31 @@ from __future__ import annotations
 from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
 from .derive import InstanceId
-from .determinism import BITWISE_KEYS
 from .errors import ReplayMismatchError
 from .records import SeedRecord, differences
 
-__all__ = ["Replay", "environment_differences"]
+__all__ = ["BITWISE_KEYS", "Replay", "environment_differences"]
+
+#: Environment keys whose difference rules out bitwise equality of a replay.
+BITWISE_KEYS = (
+    "platform",
+    "cpu_capability",
+    "num_threads",  # measured: a TinyCNN epoch on 1 and 2 CPU threads ends with different weights
+    "torch",
+    "numpy",
+    "cuda",
+    "cudnn",
+    "gpus",
+    "cublas_workspace_config",
+    "deterministic_algorithms",
+    "cudnn_deterministic",
+    "cudnn_benchmark",
+    "cudnn_allow_tf32",
+    "cuda_matmul_allow_tf32",
+    "float32_matmul_precision",
+    "autocast_cpu",
+    "world_size",
+)
 
 Key = Tuple[str, InstanceId]
 _SHOWN_FIELDS = 8  # mismatching fields listed per use
@@ -147,7 +167,7 @@ class Replay:
 
     # -- the report -------------------------------------------------------------------------------
 
-    def report(self, issued: Iterable[Key], current_env: Mapping[str, Any]) -> Dict[str, Any]:
+    def report(self, issued: Iterable[Key], current_env: Mapping[str, Any], *, set_up: bool = True) -> Dict[str, Any]:
         """The JSON-native report ``SeedSession.replay_report()`` returns."""
         issued_keys = {_typed(k) for k in issued}
         missing = [_key(r.key) for k, r in self.expected.items() if k not in issued_keys]
@@ -166,6 +186,9 @@ class Replay:
         diverged = [f"mismatch: {m['message']}" for m in self.mismatches]
         diverged += [f"result {m['name']!r}: {_short(m['current'])} != recorded {_short(m['recorded'])}" for m in mismatched]
         diverged += [f"result {name!r} was recorded by the original run but not by the replay" for name in results_missing]
+        if not set_up and self.manifest.applied:  # the recorded run called setup(); this one did not
+            statistical.insert(0, "setup() was never called on the replaying session: the global generators were not "
+                                  "seeded and the deterministic settings not applied; call SeedSession.from_manifest(...).setup()")
         verdict = "statistical" if statistical else "diverged" if diverged else "bitwise"
         return {
             "master_seed": self.manifest.master_seed,

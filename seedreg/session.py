@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import distributed as _dist
-from .attribution import make_subset_mask, mask_digest
+from .masks import make_subset_mask, mask_digest
 from .data import STREAMS, SeededDataLoader
 from .streaming import SeededIterableLoader, check_iterable_args
 from .derive import DEFAULT_SCHEME, InstanceId, check_instance_id, check_master_seed, check_scheme
@@ -490,7 +490,7 @@ class SeedSession:
         """A deterministic bool mask over `num_examples` for LDS model `instance_id`: "fixed" keeps
         exactly ``round(alpha * n)``, "bernoulli" keeps each with probability `alpha`. Recorded,
         with a digest of the mask."""
-        from .attribution import check_mask_args
+        from .masks import check_mask_args
 
         check_mask_args(num_examples, alpha, mode)
         seed, use = self._registry.use("subset_mask", instance_id, "subset_mask")
@@ -539,7 +539,7 @@ class SeedSession:
         ``bitwise``, ``diverged`` (a use or result differs) or ``statistical`` (the environment does)."""
         if self._replay is None:
             raise SeedregError("replay_report() needs a session made by SeedSession.from_manifest(...).")
-        return self._replay.report(list(self._registry), environment(self.world_size))
+        return self._replay.report(list(self._registry), environment(self.world_size), set_up=self._is_set_up)
 
     # -- manifest ----------------------------------------------------------------------------------
 
@@ -627,15 +627,7 @@ class SeedSession:
         if not isinstance(state, Mapping) or set(state) != {"rng", "loaders"}:
             raise StateError("a rewind state must be a dict with 'rng' and 'loaders' (from a StepCheckpoints checkpoint).")
         rng = decode_global(state["rng"])
-        pairs = self._match_loaders(state["loaders"], STATE_VERSION)
-        snapshots = [(loader, loader.state_dict()) for loader, _ in pairs]
-        try:
-            for loader, loader_state in pairs:
-                loader.load_state_dict(loader_state)
-        except SeedregError:
-            for loader, snapshot in snapshots:
-                loader.load_state_dict(snapshot)
-            raise
+        self._load_loaders(self._match_loaders(state["loaders"], STATE_VERSION))
         self._pending_rng = None
         for loader in self._live_loaders():
             loader._before_batch = None
@@ -676,15 +668,7 @@ class SeedSession:
             except ReplayMismatchError as exc:
                 raise StateError(f"`state` does not belong to the run being replayed: {exc}") from None
         rng = decode_global(state["rng"])
-        pairs = self._match_loaders(state["loaders"], version)
-        snapshots = [(loader, loader.state_dict()) for loader, _ in pairs]
-        try:
-            for loader, loader_state in pairs:
-                loader.load_state_dict(loader_state)
-        except SeedregError:
-            for loader, snapshot in snapshots:
-                loader.load_state_dict(snapshot)
-            raise
+        self._load_loaders(self._match_loaders(state["loaders"], version))
         self._registry.install(memo)
         loaders = self._live_loaders()
         if loaders:
@@ -693,6 +677,18 @@ class SeedSession:
                 loader._before_batch = self._apply_pending_rng
         else:
             restore_global(rng)
+
+    @staticmethod
+    def _load_loaders(pairs: List[Tuple[Any, Mapping[str, Any]]]) -> None:
+        """Load each loader's state; if one refuses its state, put the others back as they were."""
+        snapshots = [(loader, loader.state_dict()) for loader, _ in pairs]
+        try:
+            for loader, loader_state in pairs:
+                loader.load_state_dict(loader_state)
+        except SeedregError:
+            for loader, snapshot in snapshots:
+                loader.load_state_dict(snapshot)
+            raise
 
     def _live_loaders(self) -> List[SeededDataLoader]:
         return list(self._loaders.values())

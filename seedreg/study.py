@@ -32,7 +32,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
 
 import numpy as np
 
-from .attribution import check_mask_args, make_subset_mask, mask_digest
+from .masks import check_mask_args, make_subset_mask, mask_digest
 from .derive import SCHEMES, check_master_seed, derive_seed
 from .errors import ManifestError, SeedregError
 from .fingerprint import result_entry
@@ -433,7 +433,7 @@ class Study:
         environment that agrees with the others on what bitwise equality needs; every stored mask
         row equals its recorded digest and its re-derivation.
         """
-        from .determinism import BITWISE_KEYS
+        from .replay import BITWISE_KEYS
 
         problems: List[str] = []
         manifests: Dict[int, Manifest] = {}

@@ -88,3 +88,56 @@ def test_demo(tmp_path):
 
     a, b = (torch.load(tmp_path / f"{n}-weights.pt", weights_only=True) for n in ("original", "replayed"))
     assert list(a) == list(b) and all(a[k].numpy().tobytes() == b[k].numpy().tobytes() for k in a)
+
+
+class TestStartup:
+    """derive, show, diff and study do not import torch (the command line starts in a fraction of a second)."""
+
+    def test_no_torch(self, tmp_path):
+        from seedreg import Study
+
+        manifest = SeedSession(1).dump(tmp_path / "m.json")
+        study = Study(tmp_path / "study", master_seed=1, num_models=2, num_examples=10, alpha=0.5, num_outputs=1)
+        with study.run(0) as run:
+            run.save([0.5])
+        code = (
+            "import sys\n"
+            "from seedreg.cli import main\n"
+            f"assert main(['derive', '42', 'model', 'training']) == 0\n"
+            f"assert main(['show', {str(manifest)!r}]) == 0\n"
+            f"assert main(['diff', {str(manifest)!r}, {str(manifest)!r}]) == 0\n"
+            f"assert main(['study', 'status', {str(tmp_path / 'study')!r}]) == 0\n"
+            f"assert main(['study', 'audit', {str(tmp_path / 'study')!r}]) == 1\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "print('no torch')\n"
+        )
+        proc = run_python(["-c", code])
+        assert "no torch" in proc.stdout
+
+    def test_version_and_help(self, capsys):
+        with pytest.raises(SystemExit) as exc:
+            main(["--version"])
+        assert exc.value.code == 0 and "seedreg 0." in capsys.readouterr().out
+        for command in ("derive", "show", "diff", "env", "study", "demo"):
+            with pytest.raises(SystemExit):
+                main([command, "--help"])
+            text = capsys.readouterr().out
+            assert text.count("\n  ") >= 2  # every argument has its line of help
+
+    def test_not_a_manifest_and_reformatted(self, tmp_path, capsys):
+        (tmp_path / "other.json").write_text('{"a": 1}')
+        assert main(["show", str(tmp_path / "other.json")]) == 2
+        assert "is not a seedreg manifest" in capsys.readouterr().err
+        path = SeedSession(1).dump(tmp_path / "m.json")
+        (tmp_path / "pretty.json").write_text(json.dumps(json.loads(path.read_text()), indent=4))
+        assert main(["show", str(tmp_path / "pretty.json")]) == 2
+        assert "reformatted" in capsys.readouterr().err
+
+
+def test_replay_report_without_setup_says_so_first(tmp_path):
+    recorded = SeedSession(1).setup()
+    recorded.seed("a")
+    r = SeedSession.from_manifest(recorded.manifest())
+    r.seed("a")
+    report = r.replay_report()
+    assert report["reasons"][0].startswith("setup() was never called") and report["verdict"] == "statistical"
