@@ -91,7 +91,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
     for r in m.records:
         rows.append([r.purpose, repr(r.instance_id), str(r.seed), r.kind, str(r.uses), ""])
         for u in r.log:
-            rows.append(["", "", "", f"  {u.kind}", f"#{u.use}", _describe(u.kind, u.details)])
+            number = f"#{u.use}" if u.count == 1 else f"#{u.use}-{u.use + u.count - 1}"
+            rows.append(["", "", "", f"  {u.kind}", number, _describe(u.kind, u.details)])
     _emit(f"\nrecords ({len(m.records)})")
     _emit(_rows_table(rows))
     if m.results:

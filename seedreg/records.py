@@ -41,11 +41,13 @@ _ID_BOUND = 2**255
 
 @attrs.frozen(kw_only=True)
 class Use:
-    """Use number `use` (from 1) of a key: how it was asked for and what it seeded."""
+    """Use number `use` (from 1) of a key: how it was asked for and what it seeded. `count` > 1
+    stands for that many consecutive uses of the same kind without details (a key forked in a loop)."""
 
     use: int
     kind: str
     details: Mapping[str, Any] = attrs.field(factory=dict)
+    count: int = 1
 
 
 @attrs.frozen(kw_only=True)
@@ -71,7 +73,7 @@ class SeedRecord:
     def use(self, number: int) -> Tuple[str, Mapping[str, Any]]:
         """The kind and details of use `number` (a use not in the log repeats the record's kind)."""
         for u in self.log:
-            if u.use == number:
+            if u.use <= number < u.use + u.count:
                 return u.kind, u.details
         return self.kind, {}
 
@@ -110,7 +112,10 @@ def check_json(value: Any, where: str, depth: int = 0) -> None:
 # -- to JSON ------------------------------------------------------------------------------------
 
 def _use_to_dict(u: Use) -> Dict[str, Any]:
-    return {"use": u.use, "kind": u.kind, "details": dict(u.details)}
+    out: Dict[str, Any] = {"use": u.use, "kind": u.kind, "details": dict(u.details)}
+    if u.count != 1:
+        out["count"] = u.count
+    return out
 
 
 def record_to_dict(record: SeedRecord) -> Dict[str, Any]:
@@ -168,18 +173,21 @@ def _log_from_list(data: Any, uses: int, where: str) -> Tuple[Use, ...]:
     last = 0
     for i, d in enumerate(data):
         w = f"{where}[{i}]"
-        if not isinstance(d, Mapping) or set(d) != {"use", "kind", "details"}:
-            raise ManifestError(f"{w} must be an object with exactly the keys ['details', 'kind', 'use'].")
+        if not isinstance(d, Mapping) or not {"use", "kind", "details"} <= set(d) <= {"use", "kind", "details", "count"}:
+            raise ManifestError(f"{w} must be an object with the keys ['details', 'kind', 'use'] (and 'count').")
         number = require(d, "use", int, w)
-        if not last < number <= uses:
-            raise ManifestError(f"{w}['use'] is {number}; use numbers must increase and lie in [1, {uses}] (the record's uses).")
-        last = number
+        count = require(d, "count", int, w) if "count" in d else 1
+        if count < 1 or not last < number or number + count - 1 > uses:
+            raise ManifestError(
+                f"{w} covers uses {number}..{number + count - 1}; use numbers must increase and lie in [1, {uses}] (the record's uses)."
+            )
+        last = number + count - 1
         kind = require(d, "kind", str, w)
         if kind not in _KIND_SET:
             raise ManifestError(f"{w}['kind'] must be one of {list(KINDS)}, got {kind!r:.80}.")
         details = require(d, "details", Mapping, w)
         check_json(details, f"{w}['details']")
-        out.append(Use(use=number, kind=kind, details=details))
+        out.append(Use(use=number, kind=kind, details=details, count=count))
     return tuple(out)
 
 

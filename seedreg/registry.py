@@ -39,7 +39,7 @@ class _Entry:
         self.seed = seed
         self.kind = kind
         self.uses = uses
-        self.log: Optional[List[Tuple[int, str, Dict[str, Any]]]] = None
+        self.log: Optional[List[Tuple[int, str, Dict[str, Any], int]]] = None  # (use, kind, details, count)
         self.warned = False
 
 
@@ -127,7 +127,12 @@ class Registry:
                 entry.uses += 1
                 number = entry.uses
                 if kind != entry.kind:
-                    self._log(entry).append((number, kind, {}))
+                    entry_log = self._log(entry)
+                    last = entry_log[-1] if entry_log else None
+                    if last is not None and last[1] == kind and not last[2] and last[0] + last[3] == number:
+                        entry_log[-1] = (last[0], kind, last[2], last[3] + 1)  # one more in a run: no growth
+                    else:
+                        entry_log.append((number, kind, {}, 1))
                 seed = entry.seed
             else:
                 seed = derive_seed(self.master_seed, purpose, instance_id, scheme=self.scheme)
@@ -153,12 +158,17 @@ class Registry:
         with self._lock:
             entry = self._entry(key)
             entry_log = self._log(entry)
-            if entry_log and entry_log[-1][0] == number:
-                kind = entry_log[-1][1]
-                entry_log[-1] = (number, kind, details)
+            last = entry_log[-1] if entry_log else None
+            if last is not None and last[0] + last[3] - 1 == number:  # the use was logged (another kind)
+                kind = last[1]
+                if last[3] > 1:  # split it off its run
+                    entry_log[-1] = (last[0], kind, last[2], last[3] - 1)
+                    entry_log.append((number, kind, details, 1))
+                else:
+                    entry_log[-1] = (number, kind, details, 1)
             else:
                 kind = entry.kind
-                entry_log.append((number, kind, details))
+                entry_log.append((number, kind, details, 1))
             previous = None
             for i in range(len(entry_log) - 2, -1, -1):  # the last earlier use of this kind with details
                 if entry_log[i][1] == kind and entry_log[i][2]:
@@ -207,7 +217,7 @@ class Registry:
         return entry
 
     @staticmethod
-    def _log(entry: _Entry) -> List[Tuple[int, str, Dict[str, Any]]]:
+    def _log(entry: _Entry) -> List[Tuple[int, str, Dict[str, Any], int]]:
         if entry.log is None:
             entry.log = []
         return entry.log
@@ -239,7 +249,7 @@ class Registry:
         with self._lock:
             items = [(k, e) if type(e) is not _Entry else (k, (e.seed, e.kind, e.uses, tuple(e.log or ()))) for k, e in self._memo.items()]
         return tuple(
-            SeedRecord(purpose=k[0], instance_id=k[1], seed=e[0], kind=e[1], uses=e[2], log=[Use(use=n, kind=kd, details=d) for n, kd, d in e[3]])
+            SeedRecord(purpose=k[0], instance_id=k[1], seed=e[0], kind=e[1], uses=e[2], log=[Use(use=n, kind=kd, details=d, count=c) for n, kd, d, c in e[3]])
             if type(e) is tuple
             else SeedRecord(purpose=k[0], instance_id=k[1], seed=e, kind="seed")  # type: ignore[arg-type]
             for k, e in items
@@ -269,7 +279,7 @@ class Registry:
             seeds.add(derived)
             entry = _Entry(r.seed, r.kind, r.uses)
             if r.log:
-                entry.log = [(u.use, u.kind, dict(u.details)) for u in r.log]
+                entry.log = [(u.use, u.kind, dict(u.details), u.count) for u in r.log]
             memo[r.key] = entry
         return memo
 

@@ -12,7 +12,8 @@ import math
 import random
 import struct
 import threading
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -167,6 +168,7 @@ class Fork:
 
 _PY_WORDS = 625  # 624 Mersenne Twister words and the position
 _PY_VERSION = random.getstate()[0]  # 3 on every CPython since 3.2
+_scratch_random = random.Random(0)  # decode_global validates a python state by loading it here
 _WORDS = struct.Struct(f"<{_PY_WORDS}I")
 
 
@@ -240,7 +242,7 @@ def decode_global(state: object) -> Dict[str, Any]:
         raise StateError("rng state['python'] is all zeros, a degenerate Mersenne Twister state: the state is corrupt.")
     python_state = (version, tuple(words.tolist()), gauss)
     try:
-        random.Random().setstate(python_state)
+        _scratch_random.setstate(python_state)
     except (TypeError, ValueError, OverflowError) as exc:
         raise StateError(f"rng state['python'] was refused by random.setstate: {exc}.") from None
     npst = _field(state, "numpy", Mapping, where)
@@ -262,11 +264,9 @@ def decode_global(state: object) -> Dict[str, Any]:
     cached = _field(npst, "cached_gaussian", (int, float), "rng state['numpy']")
     if type(cached) is int and abs(cached) > 2**53 or type(cached) is float and not math.isfinite(cached):
         raise StateError(f"rng state['numpy']['cached_gaussian'] must be a finite float, got {cached!r:.40}.")
+    # every field numpy's set_state checks is checked above (kind, 624 uint32 keys, pos, has_gauss,
+    # a finite cached value): a scratch RandomState would cost ~130 us for nothing more
     numpy_state = ("MT19937", keys, pos, has_gauss, float(cached))
-    try:
-        np.random.RandomState().set_state(numpy_state)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise StateError(f"rng state['numpy'] was refused by numpy: {exc}.") from None
     cpu = torch.frombuffer(
         bytearray(b64decode(_field(state, "torch", str, where), length=_torch_state_length(), what="rng state['torch']")), dtype=torch.uint8
     )
