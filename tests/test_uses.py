@@ -52,6 +52,24 @@ class TestUses:
         (r,) = s.records
         assert r.uses == 5 and r.log == ()
 
+    def test_a_key_forked_in_a_loop_keeps_one_log_entry(self, tmp_path):
+        s = SeedSession(1)
+        s.seed("noise")
+        for _ in range(1_000):
+            with s.fork("noise"):
+                pass
+        s.seed("noise")
+        (r,) = s.records
+        assert r.uses == 1_002 and [(u.use, u.kind, u.count) for u in r.log] == [(2, "fork", 1_000)]
+        replay = SeedSession.from_manifest(Manifest.load(s.dump(tmp_path / "m.json")))
+        replay.seed("noise")
+        for _ in range(1_000):
+            with replay.fork("noise"):
+                pass
+        with pytest.raises(ReplayMismatchError, match="use 1002 is a 'fork' but was a 'seed'"):
+            with replay.fork("noise"):
+                pass
+
     def test_optimizer_records_every_param_group(self):
         s = SeedSession(1)
         model = torch.nn.Linear(2, 2)
