@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from seedreg import SeedSession, StepCheckpoints
-from seedreg.study import lds_score
+from seedreg import SeedSession, StepCheckpoints, lds_score
 
 N, HELD_OUT, DIM, BATCH, EPOCHS = 48, 16, 6, 8, 3
 LR, MOMENTUM, GAMMA = 0.5, 0.9, 0.5

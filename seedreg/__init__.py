@@ -34,7 +34,7 @@ _WHERE = {
     "StudyRun": "study",
     "Use": "records",
     "derive_seed": "derive",
-    "lds_score": "study",
+    "lds_score": "lds",
     "make_subset_mask": "masks",
 }
 

@@ -36,9 +36,11 @@ from .masks import check_mask_args, make_subset_mask, mask_digest
 from .derive import SCHEMES, check_master_seed, derive_seed
 from .errors import ManifestError, SeedregError
 from .fingerprint import result_entry
+from .lds import lds_score  # re-exported beside the study it scores
 from .manifest import Manifest
 
 __all__ = ["Study", "StudyError", "StudyRun", "lds_score"]
+
 
 FORMAT = "seedreg-study"
 VERSION = 1
@@ -536,61 +538,3 @@ class Study:
             environment=environment,
             results=results,
         )
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks along axis 0, ties averaged (as Spearman's correlation uses them)."""
-    n = values.shape[0]
-    order = np.argsort(values, axis=0, kind="mergesort")
-    ranks = np.empty(values.shape, dtype=np.float64)
-    cols = np.arange(values.shape[1])
-    ranks[order, cols] = np.arange(n, dtype=np.float64)[:, None]
-    # average the ranks of tied values, column by column
-    for j in range(values.shape[1]):
-        col = values[:, j]
-        sorted_vals = col[order[:, j]]
-        if n > 1 and np.any(sorted_vals[1:] == sorted_vals[:-1]):
-            _, inverse, counts = np.unique(col, return_inverse=True, return_counts=True)
-            sums = np.zeros(len(counts))
-            np.add.at(sums, inverse, ranks[:, j])
-            ranks[:, j] = (sums / counts)[inverse]
-    return ranks
-
-
-def lds_score(scores: Any, masks: Any, outputs: Any, *, replicates: int = 1) -> float:
-    """The linear datamodeling score: predictions ``masks @ scores`` against the measured
-    `outputs` (averaged over each group of `replicates` models sharing a mask), Spearman's rank
-    correlation across models for each output, averaged over outputs (TRAK's definition).
-
-    `scores` is examples x outputs, `masks` models x examples, `outputs` models x outputs.
-
-    >>> rng = np.random.default_rng(0)
-    >>> masks = rng.random((20, 10)) < 0.5
-    >>> scores = rng.normal(size=(10, 3))
-    >>> round(lds_score(scores, masks, masks @ scores), 6)
-    1.0
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    masks = np.asarray(masks)
-    outputs = np.asarray(outputs, dtype=np.float64)
-    if masks.ndim != 2 or scores.ndim != 2 or outputs.ndim != 2:
-        raise ValueError(f"`scores`, `masks` and `outputs` must be 2-d, got {scores.shape}, {masks.shape}, {outputs.shape}.")
-    if masks.shape[1] != scores.shape[0] or outputs.shape != (masks.shape[0], scores.shape[1]):
-        raise ValueError(
-            f"shapes disagree: masks {masks.shape} (models x examples), scores {scores.shape} (examples x outputs), "
-            f"outputs {outputs.shape} (models x outputs)."
-        )
-    if type(replicates) is not int or replicates < 1 or masks.shape[0] % replicates:
-        raise ValueError(f"`replicates` must be an int >= 1 dividing the number of models ({masks.shape[0]}), got {replicates!r}.")
-    groups = masks.shape[0] // replicates
-    masks = masks.reshape(groups, replicates, -1)[:, 0, :].astype(np.float64)
-    outputs = outputs.reshape(groups, replicates, -1).mean(axis=1)
-    predictions = masks @ scores
-    a, b = _ranks(predictions), _ranks(outputs)
-    a -= a.mean(axis=0)
-    b -= b.mean(axis=0)
-    denom = np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rho = (a * b).sum(axis=0) / denom
-    return float(np.nanmean(rho))
-
