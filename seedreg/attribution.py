@@ -122,17 +122,17 @@ class StepCheckpoints:
 
     def capture(self) -> Dict[str, Any]:
         """The whole training state now (copies: later training does not change it)."""
-        return {**self.capture_training(), "session": self.session._rewind_state()}
+        return {**self._capture_training(), "session": self.session._rewind_state()}
 
     def _capture_fast(self) -> Dict[str, Any]:
         """A state held only for the length of a reverse pass: the global generators as the
         libraries give them (no encoding, nothing to validate coming back); loader positions are
         not needed (steps are fetched with batch_at)."""
-        state = self.capture_training()
+        state = self._capture_training()
         state["rng"] = rng.capture_raw()
         return state
 
-    def capture_training(self) -> Dict[str, Any]:
+    def _capture_training(self) -> Dict[str, Any]:
         return {
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
             "optimizer": None if self.optimizer is None else copy.deepcopy(self.optimizer.state_dict()),
@@ -200,9 +200,7 @@ class StepCheckpoints:
         raw = loader.batch_at(step)
         if loader._with_indices:
             return raw[0], (raw[1] if len(raw) == 2 else raw[1:])
-        per_epoch = len(loader)
-        epoch, b = divmod(step, per_epoch)
-        return loader.batch_indices(epoch)[b], raw
+        return torch.tensor(loader.indices_at(step)[1], dtype=torch.long), raw
 
     def _run(self, start: int, stop: int, step_fn: Callable[..., Any]) -> None:
         for s in range(start, stop):

@@ -266,10 +266,12 @@ class SeededDataLoader(DataLoader):
                 "`in_order=False` is not supported: batches would arrive out of order, so neither the order a "
                 "replay checks nor the position a resume continues from would be defined. Leave in_order=True."
             )
+        self._keyed = _KeyedBatches(self)  # it holds the loader weakly: no reference cycle
         self._instance_id = instance_id
         self._use = 1  # which use of ("dataloader", instance_id) built it: the session sets it
         self._before_batch: Optional[Callable[[], None]] = None
         self._plan: Optional[Tuple[int, List[int]]] = None
+        self._order: Optional[Tuple[int, List[int]]] = None  # (epoch, its indices), for random access
         self._with_indices = with_indices
         self._subset_weights = None if weights is None else torch.from_numpy(np.asarray(weights, dtype=np.float32))
         self._example_weights = example_weights
@@ -292,8 +294,7 @@ class SeededDataLoader(DataLoader):
 
     @property
     def _index_sampler(self) -> _KeyedBatches:  # type: ignore[override]
-        # a new object each time: a loader that held its own would be freed only by the cyclic collector
-        return _KeyedBatches(self)
+        return self._keyed
 
     def _finish(self, raw: Any) -> Any:
         """What the loop receives: the batch, with its indices and weights when asked for."""
@@ -316,6 +317,18 @@ class SeededDataLoader(DataLoader):
             return [torch.tensor([i], dtype=torch.long) for i in indices]
         return [torch.tensor(b, dtype=torch.long) for _, b in _KeyedBatches._batches(epoch, indices, self.batch_size, self.drop_last)]
 
+    def indices_at(self, step: int) -> Tuple[int, List[int]]:
+        """The epoch and dataset indices of global step `step`'s batch (epochs in order). The
+        order of the last epoch asked for is kept, so walking the steps of an epoch permutes once."""
+        per_epoch = len(self)
+        if per_epoch == 0:
+            raise SeedregError("this loader yields no batch per epoch (drop_last with fewer samples than a batch).")
+        epoch, b = divmod(step, per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, self.sampler.order(epoch))
+        bs = self.batch_size or 1
+        return epoch, self._order[1][b * bs : (b + 1) * bs]
+
     def batch_at(self, step: int) -> Any:
         """The batch of global step `step` (epochs in order: epoch ``step // len(loader)``), equal
         byte for byte to what iteration yielded at that step, random streams included; with
@@ -328,11 +341,7 @@ class SeededDataLoader(DataLoader):
                 "batch_at() needs seed_per_example=True: with per-worker streams a batch's random draws depend on "
                 "which worker fetched it and what it fetched before."
             )
-        per_epoch = len(self)
-        if per_epoch == 0:
-            raise SeedregError("this loader yields no batch per epoch (drop_last with fewer samples than a batch).")
-        epoch, b = divmod(step, per_epoch)
-        indices = self.batch_indices(epoch)[b].tolist()
+        epoch, indices = self.indices_at(step)
         if self.batch_size is None:
             raw = self.collate_fn(self.dataset[(epoch, indices[0])])
         else:

@@ -454,6 +454,10 @@ class SeedSession:
         }
         # With per-example streams the number of workers changes nothing a replay could see.
         self._registry.detail("dataloader", instance_id, use, details, ignore=("num_workers",) if seed_per_example else ())
+        return self._register(loader)
+
+    def _register(self, loader: Any) -> Any:
+        """Hold `loader` weakly, so that state_dict() and a pending resume reach it while the program does."""
         self._loaders[self._loaders_built] = loader
         self._loaders_built += 1
         if self._pending_rng is not None:
@@ -463,7 +467,7 @@ class SeedSession:
     def _build_iterable_loader(self, dataset: Any, instance_id: InstanceId, *, batch_size: Optional[int], shuffle: bool,
                                num_workers: int, drop_last: bool, subset: Any, with_indices: bool, example_weights: Any,
                                **dataloader_kwargs: Any) -> SeededIterableLoader:
-        check_iterable_args(dataset, shuffle=shuffle, subset=subset, with_indices=with_indices, example_weights=example_weights)
+        check_iterable_args(shuffle=shuffle, subset=subset, with_indices=with_indices, example_weights=example_weights)
         seed, use = self._registry.use("dataloader", instance_id, "dataloader")
         loader = SeededIterableLoader(
             dataset, seed=seed, instance_id=instance_id, batch_size=batch_size, drop_last=drop_last, num_workers=num_workers,
@@ -480,11 +484,7 @@ class SeedSession:
             "resume_mode": loader.resume_mode,
         }
         self._registry.detail("dataloader", instance_id, use, details)
-        self._loaders[self._loaders_built] = loader
-        self._loaders_built += 1
-        if self._pending_rng is not None:
-            loader._before_batch = self._apply_pending_rng
-        return loader
+        return self._register(loader)
 
     def subset_mask(self, num_examples: int, alpha: float, instance_id: InstanceId, *, mode: str = "fixed") -> np.ndarray:
         """A deterministic bool mask over `num_examples` for LDS model `instance_id`: "fixed" keeps

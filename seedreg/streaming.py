@@ -321,7 +321,7 @@ class SeededIterableLoader(DataLoader):
         self._consumed = dict(checked)
 
 
-def check_iterable_args(dataset: Any, *, shuffle: bool, subset: Any, with_indices: bool, example_weights: Any) -> None:
+def check_iterable_args(*, shuffle: bool, subset: Any, with_indices: bool, example_weights: Any) -> None:
     """The arguments a map-style loader takes that an iterable dataset cannot honour."""
     if shuffle:
         raise ValueError(
