@@ -244,6 +244,16 @@ class SeededDataLoader(DataLoader):
     dataset's ``__getitems__`` is used.
     """
 
+    # Defaults as class attributes: DataLoader routes every instance assignment through a Python
+    # __setattr__, and building a loader is something LDS studies do thousands of times.
+    _use = 1  # which use of ("dataloader", instance_id) built it: the session sets it
+    _before_batch: Optional[Callable[[], None]] = None
+    _plan: Optional[Tuple[int, List[int]]] = None
+    _order: Optional[Tuple[int, List[int]]] = None  # (epoch, its indices), for random access
+    _with_indices = False
+    _subset_weights: Optional[torch.Tensor] = None
+    _example_weights: Optional[torch.Tensor] = None
+
     def __init__(
         self,
         dataset: Any,
@@ -268,15 +278,12 @@ class SeededDataLoader(DataLoader):
             )
         self._keyed = _KeyedBatches(self)  # it holds the loader weakly: no reference cycle
         self._instance_id = instance_id
-        self._use = 1  # which use of ("dataloader", instance_id) built it: the session sets it
-        self._before_batch: Optional[Callable[[], None]] = None
-        self._plan: Optional[Tuple[int, List[int]]] = None
-        self._order: Optional[Tuple[int, List[int]]] = None  # (epoch, its indices), for random access
-        self._with_indices = with_indices
-        self._subset_weights = None if weights is None else torch.from_numpy(np.asarray(weights, dtype=np.float32))
-        self._example_weights = example_weights
         indexed = with_indices or weights is not None or example_weights is not None
         if indexed:
+            self._with_indices = with_indices
+            if weights is not None:
+                self._subset_weights = torch.from_numpy(np.asarray(weights, dtype=np.float32))
+            self._example_weights = example_weights
             collate = kwargs.pop("collate_fn", None)
             if collate is None:
                 collate = default_collate if batch_size is not None else default_convert
