@@ -45,8 +45,9 @@ def main() -> None:
     parser.add_argument("--replay", default=None, help="replay from this manifest")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=60))
+    # this example trains on the CPU, so gloo even where CUDA is visible; on GPUs use nccl and put each
+    # rank's model on cuda:LOCAL_RANK (one GPU per rank)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -23,13 +23,19 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = pathlib.Path(__file__).resolve().parent / "scripts"
 
 
+def child_env(**extra: str) -> Dict[str, str]:
+    """This process's environment for a child python: the repository first on PYTHONPATH (what was
+    there kept after it), no CUBLAS_WORKSPACE_CONFIG (each child decides its own)."""
+    env = dict(os.environ)
+    env.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
 def run_python(args: Sequence[str], *, env: Optional[Dict[str, str]] = None, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
     """Run `python args...` in a fresh process from the repository root."""
-    full_env = dict(os.environ)
-    full_env.pop("CUBLAS_WORKSPACE_CONFIG", None)
-    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
-    if env:
-        full_env.update(env)
+    full_env = child_env(**(env or {}))
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")

@@ -1,7 +1,6 @@
 """The `seedreg` command."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import pytest
 from seedreg import SeedSession
 from seedreg.cli import main
 
-from .conftest import ROOT, run_python
+from .conftest import child_env, run_python
 
 
 def run(capsys, *argv):
@@ -76,8 +75,7 @@ def test_python_dash_m_and_console_script(tmp_path):
 def test_demo(tmp_path):
     """The main job: train, dump, replay in a fresh process, bitwise agreement."""
     # a relative output directory whose name starts with '-' (it broke the replay process's arguments)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    env = child_env()
     proc = subprocess.run([sys.executable, "-m", "seedreg", "demo", "--out=-demo", "--epochs", "2"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -21,6 +21,8 @@ from seedreg.demo import ToyImages
 from seedreg.manifest import _with_checksum, render
 from seedreg.rng import capture_global
 
+from .conftest import child_env
+
 
 def _session_with_loader():
     s = SeedSession(3)
@@ -54,7 +56,7 @@ def _torch_state_invalid() -> str:
 CRAFTED_STATES = [
     ("torch state of the right length, invalid content", lambda st: st["rng"].update(torch=_torch_state_invalid()), "refused by torch"),
     ("all-zero torch state with a valid header", lambda st: st["rng"].update(torch=_torch_state_zero_body()), "draws only zeros"),
-    ("CUDA state on a machine without that device", lambda st: st["rng"].update(cuda={"0": "AAAA"}), "CUDA"),
+    ("CUDA state on a machine without that device", lambda st: st["rng"].update(cuda={str(torch.cuda.device_count()): "AAAA"}), "CUDA"),
     ("5000-digit CUDA device key", lambda st: st["rng"].update(cuda={"9" * 5000: "AAAA"}), "device indices"),
     ("python RNG version -1", lambda st: st["rng"]["python"].update(version=-1), "version"),
     ("python RNG version 2**80", lambda st: st["rng"]["python"].update(version=2**80), "version"),
@@ -199,7 +201,7 @@ class TestCommandLine:
         path = SeedSession(1).dump(tmp_path / "m.json")
         proc = subprocess.run(
             f"'{sys.executable}' -m seedreg show '{path}' | head -c 10",
-            shell=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()},
+            shell=True, capture_output=True, text=True, env=child_env(),
         )
         assert proc.stderr == "" and proc.stdout == "manifest /"
 

@@ -27,7 +27,7 @@ from seedreg import (
 from seedreg.demo import TinyCNN, ToyImages
 from seedreg.manifest import _temp_prefix, _with_checksum, render
 
-from .conftest import ROOT, run_python
+from .conftest import child_env, run_python
 
 S = SeedSession(1)
 BAD_CALLS = [
@@ -243,9 +243,11 @@ def test_dump_while_other_threads_request_seeds(tmp_path):
     stop = threading.Event()
 
     def requester(t):
+        # new keys up to 5,000 a thread, then memoized ones: the registry stops growing, so ten dumps
+        # take bounded time however fast the threads run (unbounded, they outran the dumps on 3.12)
         i = 0
         while not stop.is_set():
-            s.seed("c", t * 1_000_000 + i)
+            s.seed("c", t * 1_000_000 + i % 5_000)
             i += 1
 
     threads = [threading.Thread(target=requester, args=(t,)) for t in range(4)]
@@ -284,7 +286,7 @@ while True:
 def test_sigkill_during_repeated_dumps_leaves_a_whole_manifest(tmp_path):
     """Killed at 12 moments in the middle of repeated dumps: the file always loads, old or new."""
     path = tmp_path / "m.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = child_env()
     kills = 0
     for delay in (0.3, 0.45, 0.6, 0.75, 0.9, 1.05, 1.2, 1.35, 1.5, 1.65, 1.8, 2.0):
         proc = subprocess.Popen([sys.executable, "-c", DUMPER, str(path)], env=env, stdout=subprocess.PIPE, text=True)

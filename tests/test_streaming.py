@@ -7,7 +7,6 @@ interruption points, resume modes.
 """
 
 import json
-import os
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from seedreg import Manifest, SeedSession, StateError
 
-from .conftest import ROOT
+from .conftest import ROOT, child_env
 
 
 def _shard():
@@ -217,7 +216,7 @@ def test_two_gloo_ranks_read_every_item_once_per_epoch(tmp_path):
     )
     from .test_distributed import _PORT_TROUBLE, free_port
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     for attempt in range(3):  # a free port can be taken by another job before torchrun binds it
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                                "--master-port", str(free_port()), script, tmp_path, ROOT], env=env, timeout=240, capture_output=True, text=True)

@@ -1,7 +1,6 @@
 """Studies: many LDS models across many jobs, one auditable study."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import torch
 from seedreg import Manifest, Study, StudyError, lds_score
 from seedreg.cli import main as cli_main
 
-from .conftest import ROOT, run_python
+from .conftest import ROOT, child_env, run_python
 
 DEF = dict(master_seed=42, num_models=6, num_examples=40, alpha=0.5, num_outputs=3)
 
@@ -40,7 +39,7 @@ class TestDefinition:
             "import sys; from seedreg import Study; "
             "Study(sys.argv[1], master_seed=1, num_models=int(sys.argv[2]), num_examples=10, alpha=0.5, num_outputs=1)"
         )
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = child_env()
         procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "s"), str(n)], env=env, stderr=subprocess.PIPE, text=True) for n in (4, 8, 12, 16)]
         results = [(p.wait(120), p.stderr.read()) for p in procs]
         winners = [rc for rc, _ in results if rc == 0]
@@ -98,7 +97,7 @@ class TestModels:
         with other.run(3) as run:  # free again once the first let go
             run.save(np.zeros(3))
         code = f"import sys, time; from seedreg import Study\ns = Study(sys.argv[1], **{DEF!r})\nwith s.run(4):\n    print('holding', flush=True); time.sleep(60)\n"
-        proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "s")], env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "s")], env=child_env(), stdout=subprocess.PIPE, text=True)
         try:
             assert proc.stdout.readline().strip() == "holding"
             with pytest.raises(StudyError, match="being trained by another process"):
@@ -183,7 +182,7 @@ def test_lds_score_equals_a_direct_computation():
 class TestAcrossProcesses:
     def test_four_concurrent_tasks_fill_a_study_and_model_7_retrains_alone(self, tmp_path):
         script = ROOT / "examples" / "lds_study.py"
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = child_env()
         procs = [
             subprocess.Popen([sys.executable, script, "--root", tmp_path / "s", "--task", str(k), "--num-tasks", "4", "--epochs", "2"],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -213,7 +212,7 @@ class TestAcrossProcesses:
             "    print('half', flush=True); time.sleep(60)\n"
             "with s.run(2) as run: slow(run, None)\n"
         )
-        proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "s")], env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "s")], env=child_env(), stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "half"
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
