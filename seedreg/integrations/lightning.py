@@ -1,0 +1,207 @@
+"""PyTorch Lightning: one callback that makes a ``Trainer.fit`` seeded, resumable and audited.
+
+>>> session = SeedSession(42)                 # doctest: +SKIP
+>>> callback = SeedregCallback(session)       # calls session.setup(): do this before building the model
+>>> model = MyModule(session)                 # builds its layers with session.build_model, its
+...                                           # loaders with session.build_dataloader
+>>> trainer = Trainer(callbacks=[callback], max_epochs=3)
+>>> trainer.fit(model)                        # writes seedreg-manifest.json into the log directory
+>>> trainer.fit(model, ckpt_path="last.ckpt") # resumes mid-epoch exactly
+
+What it does:
+
+- every checkpoint carries the session's state (its registry, the global generators, each
+  loader's position) under ``checkpoint["seedreg"]``, with each training loader's position set to
+  the batches the training loop took: Lightning fetches one batch ahead, so the loader itself has
+  handed out one more than the loop used;
+- on resume it restores that state once the loaders exist (at ``on_train_start``) and restarts the
+  training iterator at the first batch not taken, so a fit interrupted mid-epoch and resumed ends
+  with the same weights, byte for byte, as one that was never interrupted;
+- it records the initial and final weights as results (``initial_weights``, ``final_weights``)
+  and dumps the manifest into ``trainer.log_dir`` (or ``default_root_dir``) at the end of fit.
+
+It refuses, with the fix in the message, what would silently break reproducibility: Lightning's
+distributed sampler replacing seedreg's (``use_distributed_sampler=False`` is needed with several
+processes: seedreg's loaders shard across ranks themselves), a session whose rank or world size is
+not the trainer's, ``Trainer(deterministic=False)`` undoing ``setup()``, a checkpoint without
+seedreg's state, and streaming (``IterableDataset``) training loaders, whose mid-epoch resume under
+Lightning's prefetching is not supported yet.
+
+Exact resume holds for checkpoints taken at the end of a training batch or of an epoch (what
+``ModelCheckpoint`` does with ``every_n_train_steps`` or per epoch), with per-example random streams
+(the default ``seed_per_example=True``).
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Dict, List, Optional
+
+try:
+    import lightning.pytorch as pl
+except ImportError:  # pragma: no cover - the older package name
+    try:
+        import pytorch_lightning as pl  # type: ignore[no-redef]
+    except ImportError:
+        raise ImportError(
+            "seedreg.integrations.lightning needs PyTorch Lightning: pip install \"seedreg[lightning]\" "
+            "(or pip install lightning)."
+        ) from None
+
+import torch
+
+from ..data import SeededDataLoader
+from ..errors import SeedregError
+from ..session import SeedSession
+from ..streaming import SeededIterableLoader
+
+__all__ = ["SeedregCallback"]
+
+_KEY = "seedreg"
+_FORMAT = "seedreg-lightning"
+
+
+def _train_loaders(trainer: Any) -> List[Any]:
+    combined = getattr(trainer.fit_loop, "_combined_loader", None)
+    return [] if combined is None else list(combined.flattened)
+
+
+class SeedregCallback(pl.Callback):
+    """Seeds, checkpoints, resumes and audits a Lightning fit through `session`.
+
+    Args:
+        session: the run's :class:`~seedreg.SeedSession`; its ``setup()`` is called here (once),
+            so construct the callback before the model.
+        manifest: file name of the manifest written into the trainer's log directory at the end of
+            fit (``None`` writes none).
+        record_weights: record ``initial_weights`` and ``final_weights`` as results.
+    """
+
+    def __init__(self, session: SeedSession, *, manifest: Optional[str] = "seedreg-manifest.json", record_weights: bool = True) -> None:
+        if not isinstance(session, SeedSession):
+            raise TypeError(f"`session` must be a seedreg.SeedSession, got {type(session).__name__}.")
+        if manifest is not None and (type(manifest) is not str or not manifest or "/" in manifest):
+            raise ValueError(f"`manifest` must be a file name such as 'seedreg-manifest.json' (or None), got {manifest!r}.")
+        self.session = session.setup()
+        self.manifest = manifest
+        self.record_weights = record_weights
+        self.manifest_path: Optional[pathlib.Path] = None
+        self._resume: Optional[Dict[str, Any]] = None
+
+    # -- checks ------------------------------------------------------------------------------------
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        s = self.session
+        if (s.world_size, s.rank) != (trainer.world_size, trainer.global_rank):
+            raise SeedregError(
+                f"the session has rank {s.rank} of {s.world_size} but the trainer runs rank {trainer.global_rank} of "
+                f"{trainer.world_size}; create the SeedSession in each process after the process group exists, or pass "
+                f"rank= and world_size= to it."
+            )
+        connector = trainer._accelerator_connector
+        if trainer.world_size > 1 and connector.use_distributed_sampler:
+            raise SeedregError(
+                "Trainer(use_distributed_sampler=True) would replace seedreg's sampler with a DistributedSampler; "
+                "seedreg's loaders already shard across ranks. Pass Trainer(use_distributed_sampler=False)."
+            )
+        if s.settings.deterministic and not torch.are_deterministic_algorithms_enabled():
+            raise SeedregError(
+                "deterministic algorithms were switched off after SeedSession.setup() (Trainer(deterministic=False)?); "
+                "leave Trainer's `deterministic` unset: the session applies it."
+            )
+
+    def _check_train_loaders(self, trainer: Any) -> List[SeededDataLoader]:
+        loaders = _train_loaders(trainer)
+        for loader in loaders:
+            if isinstance(loader, SeededIterableLoader):
+                raise SeedregError(
+                    "a streaming (IterableDataset) training loader cannot be resumed exactly under Lightning yet: Lightning "
+                    "fetches a batch ahead of the loop and the loader's per-worker positions cannot be wound back. Use a "
+                    "map-style dataset, or a hand-written loop (seedreg resumes streaming loaders there)."
+                )
+        return [loader for loader in loaders if isinstance(loader, SeededDataLoader)]
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def _taken_state(self, loader: SeededDataLoader, taken: int) -> Dict[str, Any]:
+        """`loader`'s state as if it had handed out only the `taken` batches the loop used."""
+        state = loader.state_dict()
+        sampler = dict(state["sampler"])
+        n = loader.sampler.num_samples
+        if taken >= len(loader):
+            sampler.update(position=n, exhausted=True)
+        else:
+            sampler.update(position=min(taken * (loader.batch_size or 1), n), exhausted=False)
+        state["sampler"] = sampler
+        return state
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Dict[str, Any]) -> None:
+        state = self.session.state_dict()
+        train = self._check_train_loaders(trainer)
+        if train:
+            taken = int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+            fixed = {id(loader): self._taken_state(loader, taken) for loader in train}
+            keys = {(loader.instance_id, loader._use): fixed[id(loader)] for loader in train}
+            state["loaders"] = [
+                {**keys[(ls["instance_id"], ls["use"])]} if (ls["instance_id"], ls["use"]) in keys else ls
+                for ls in state["loaders"]
+            ]
+            # Lightning keeps each stateful loader's own state_dict() too; keep the two in agreement
+            fit = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+            if "combined_loader" in fit:
+                stateful = [l for l in _train_loaders(trainer) if hasattr(l, "state_dict") and hasattr(l, "load_state_dict")]
+                fit["combined_loader"] = [fixed.get(id(l)) or l.state_dict() for l in stateful]
+        checkpoint[_KEY] = {"format": _FORMAT, "version": 1, "session": state, "results": self.session.results}
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Dict[str, Any]) -> None:
+        saved = checkpoint.get(_KEY)
+        if not isinstance(saved, dict) or saved.get("format") != _FORMAT or saved.get("version") != 1:
+            raise SeedregError(
+                "this checkpoint holds no seedreg state (it was saved without SeedregCallback, or by another version), so "
+                "the run cannot resume exactly; resume from a checkpoint saved with SeedregCallback, or start the fit afresh."
+            )
+        s = self.session
+        for entry in saved.get("results") or []:
+            if entry.get("name") not in s._results:
+                s._results[entry["name"]] = dict(entry)
+                if s._replay is not None:
+                    s._replay.check_result(entry)
+        self._resume = saved["session"]
+
+    # -- the fit -------------------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.record_weights and self._resume is None and "initial_weights" not in self.session._results:
+            self.session.record_result("initial_weights", pl_module.state_dict())
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        train = self._check_train_loaders(trainer)
+        if self._resume is None:
+            return
+        state, self._resume = self._resume, None
+        mine = {(loader.instance_id, loader._use) for loader in train}
+        by_key = {(ls.get("instance_id"), ls.get("use")): ls for ls in state.get("loaders", []) if isinstance(ls, dict)}
+        missing = mine - set(by_key)
+        if missing:
+            raise SeedregError(
+                f"the checkpoint holds no position for the training loader(s) {sorted(missing, key=repr)}; build the loaders "
+                f"as the run that saved it did (same instance ids, same order)."
+            )
+        # the registry, the global generators and every other loader through the session; the
+        # generators are put back right before the next batch is drawn
+        self.session.load_state_dict({**state, "loaders": [ls for key, ls in by_key.items() if key not in mine]})
+        for loader in train:
+            loader.load_state_dict({k: v for k, v in by_key[(loader.instance_id, loader._use)].items() if k != "use"})
+        # Lightning created the training iterator (and fetched a batch) before this hook, from the
+        # loaders as they were: start it again at the first batch not taken
+        fetcher = trainer.fit_loop._data_fetcher
+        if fetcher is not None:
+            fetcher.reset()
+            iter(fetcher)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.record_weights and "final_weights" not in self.session._results:
+            self.session.record_result("final_weights", pl_module.state_dict())
+        if self.manifest is not None:
+            directory = trainer.log_dir or trainer.default_root_dir
+            self.manifest_path = self.session.dump(pathlib.Path(directory) / self.manifest)

@@ -1,0 +1,99 @@
+"""A Lightning fit through SeedregCallback, in a fresh process (tests/test_lightning.py).
+
+    python tests/scripts/lightning_fit.py OUT [--kill-after STEP] [--resume CKPT] [--workers N] [--replay MANIFEST]
+
+Trains a TinyCNN with dropout on ToyImages (random augmentation from python, numpy and torch) for 3
+epochs of 12 batches, validating each epoch, saving a checkpoint every 5 steps (--every) into OUT/ckpt. With
+--kill-after the process dies (os._exit) right after the checkpoint of that step is written.
+Writes OUT/weights.bin (the final state dict's bytes), OUT/batches.json (the indices of every
+batch each step trained on) and the manifest into OUT/logs/.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+
+import torch
+import torch.nn.functional as F
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from seedreg import SeedSession
+from seedreg.demo import TinyCNN, ToyImages
+from seedreg.integrations.lightning import SeedregCallback
+
+
+class Module(pl.LightningModule):
+    def __init__(self, session: SeedSession, workers: int, out: pathlib.Path) -> None:
+        super().__init__()
+        self.session = session
+        self.workers = workers
+        self.net = session.build_model(TinyCNN, "net")
+        self.log_file = out / "batches.jsonl"
+
+    def training_step(self, batch, batch_idx):
+        indices, (x, y) = batch
+        with self.log_file.open("a") as f:
+            f.write(json.dumps([self.global_step, indices.tolist()]) + "\n")
+        x = F.dropout(x, 0.2)  # the global torch generator, between loader batches
+        return F.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self.net(x), y))
+
+    def configure_optimizers(self):
+        return self.session.build_optimizer(torch.optim.SGD, self.parameters(), "opt", lr=0.05, momentum=0.9)
+
+    def train_dataloader(self):
+        return self.session.build_dataloader(ToyImages(96), "train", batch_size=8, shuffle=True, num_workers=self.workers, with_indices=True)
+
+    def val_dataloader(self):
+        return self.session.build_dataloader(ToyImages(32), "val", batch_size=16, num_workers=0)
+
+
+class KillAfter(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:  # the checkpoint of `step` was written at its batch end
+            os._exit(17)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=pathlib.Path)
+    parser.add_argument("--kill-after", type=int)
+    parser.add_argument("--resume")
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--replay")
+    parser.add_argument("--every", type=int, default=5, help="checkpoint every this many steps (0: each epoch)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    session = SeedSession.from_manifest(args.replay) if args.replay else SeedSession(2024)
+    callback = SeedregCallback(session)
+    model = Module(session, args.workers, args.out)
+    every = {"every_n_train_steps": args.every} if args.every else {}  # 0: at the end of each epoch
+    callbacks = [callback, ModelCheckpoint(dirpath=args.out / "ckpt", save_top_k=-1, **every)]
+    if args.kill_after is not None:
+        callbacks.append(KillAfter(args.kill_after))
+    trainer = pl.Trainer(
+        max_epochs=3, accelerator="cpu", devices=1, callbacks=callbacks, logger=CSVLogger(args.out / "logs", name="", version=""),
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1,
+    )
+    trainer.fit(model, ckpt_path=args.resume)
+    blob = b"".join(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in model.state_dict().values())
+    (args.out / "weights.bin").write_bytes(blob)
+    result = {"manifest": str(callback.manifest_path), "global_step": trainer.global_step}
+    if args.replay:
+        result["verdict"] = session.replay_report()["verdict"]
+    (args.out / "result.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""SeedregCallback with the real Lightning package, each fit in a fresh process
+(tests/scripts/lightning_fit.py: 3 epochs of 12 batches, dropout, random augmentation, validation)."""
+
+import json
+import types
+
+import pytest
+import torch
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from seedreg import SeedregError, SeedSession  # noqa: E402
+from seedreg.integrations.lightning import SeedregCallback  # noqa: E402
+
+from .conftest import SCRIPTS, run_python  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def fit(out, *flags, expect_rc=0):
+    proc = run_python([SCRIPTS / "lightning_fit.py", out, *map(str, flags)], check=False)
+    assert proc.returncode == expect_rc, proc.stderr[-4000:]
+    return out
+
+
+def outcome(out):
+    """What a fit left: its final weights, the indices of every step's batch, its manifest."""
+    return ((out / "weights.bin").read_bytes(), (out / "batches.jsonl").read_text(),
+            (out / "logs" / "seedreg-manifest.json").read_bytes())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return fit(tmp_path_factory.mktemp("lightning") / "whole")
+
+
+def test_two_fresh_processes_give_identical_weights_batches_and_manifest(uninterrupted, tmp_path):
+    weights, batches, manifest = outcome(uninterrupted)
+    assert len(batches.splitlines()) == 36 and len(weights) > 10_000
+    assert outcome(fit(tmp_path / "again")) == (weights, batches, manifest)
+
+
+@pytest.mark.parametrize("kill_after,every,workers", [(20, 5, 0), (12, 0, 0), (15, 5, 2)],
+                         ids=["mid-epoch", "epoch-end-checkpoint", "mid-epoch-2-workers"])
+def test_killed_and_resumed_fit_equals_the_uninterrupted_one(uninterrupted, tmp_path, kill_after, every, workers):
+    """The process dies (os._exit) right after a checkpoint; a new process resumes from it. Weights
+    and manifest equal the uninterrupted fit's byte for byte, and every step trained on the same batch."""
+    out = tmp_path / "run"
+    fit(out, "--kill-after", kill_after, "--every", every, "--workers", workers, expect_rc=17)
+    (ckpt,) = [p for p in (out / "ckpt").iterdir() if f"step={kill_after}." in p.name]
+    fit(out, "--resume", ckpt, "--every", every, "--workers", workers)
+    weights, batches, manifest = outcome(out)
+    whole_weights, whole_batches, whole_manifest = outcome(uninterrupted)
+    assert batches == whole_batches  # the killed process logged steps < kill_after, the resumed one the rest
+    assert weights == whole_weights
+    if workers == 0:
+        assert manifest == whole_manifest
+
+
+def test_manifest_replays_bitwise(uninterrupted, tmp_path):
+    out = fit(tmp_path / "replay", "--replay", uninterrupted / "logs" / "seedreg-manifest.json")
+    assert json.loads((out / "result.json").read_text())["verdict"] == "bitwise"
+    assert (out / "weights.bin").read_bytes() == (uninterrupted / "weights.bin").read_bytes()
+
+
+# -- what it refuses ---------------------------------------------------------------------------------
+
+
+def _trainer(world_size=1, rank=0, distributed_sampler=True):
+    return types.SimpleNamespace(world_size=world_size, global_rank=rank,
+                                 _accelerator_connector=types.SimpleNamespace(use_distributed_sampler=distributed_sampler))
+
+
+def test_refuses_lightnings_distributed_sampler_and_a_foreign_rank():
+    callback = SeedregCallback(SeedSession(1, rank=0, world_size=2))
+    with pytest.raises(SeedregError, match="use_distributed_sampler=False"):
+        callback.setup(_trainer(world_size=2), None, "fit")
+    callback.setup(_trainer(world_size=2, distributed_sampler=False), None, "fit")
+    with pytest.raises(SeedregError, match="rank 0 of 2 but the trainer runs rank 1 of 2"):
+        callback.setup(_trainer(world_size=2, rank=1, distributed_sampler=False), None, "fit")
+
+
+def test_refuses_deterministic_mode_switched_off():
+    callback = SeedregCallback(SeedSession(1))
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        with pytest.raises(SeedregError, match="leave Trainer's `deterministic` unset"):
+            callback.setup(_trainer(), None, "fit")
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_refuses_a_checkpoint_without_seedreg_state():
+    with pytest.raises(SeedregError, match="holds no seedreg state"):
+        SeedregCallback(SeedSession(1)).on_load_checkpoint(None, None, {"state_dict": {}})
+
+
+def test_refuses_a_streaming_training_loader():
+    session = SeedSession(1)
+    stream = session.build_dataloader(_Stream(), "s", batch_size=2)
+    trainer = types.SimpleNamespace(fit_loop=types.SimpleNamespace(_combined_loader=types.SimpleNamespace(flattened=[stream])))
+    with pytest.raises(SeedregError, match="streaming"):
+        SeedregCallback(session).on_train_start(trainer, None)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="seedreg.SeedSession"):
+        SeedregCallback(object())
+    with pytest.raises(ValueError, match="file name"):
+        SeedregCallback(SeedSession(1), manifest="logs/m.json")
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(range(4))
