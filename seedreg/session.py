@@ -282,6 +282,17 @@ class SeedSession:
             self._replay.check_result(entry)
         return dict(entry)
 
+    def _adopt_results(self, entries: Any) -> None:
+        """Take over results a checkpointed process recorded (integrations' resume): each entry
+        not yet recorded here is added, and checked when replaying."""
+        for entry in entries or ():
+            if not isinstance(entry, Mapping) or type(entry.get("name")) is not str:
+                raise StateError(f"a saved result must be a dict with a 'name', got {entry!r:.60}.")
+            if entry["name"] not in self._results:
+                self._results[entry["name"]] = dict(entry)
+                if self._replay is not None:
+                    self._replay.check_result(dict(entry))
+
     @property
     def results(self) -> List[Dict[str, Any]]:
         """Every result recorded so far, in order."""

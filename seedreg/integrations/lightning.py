@@ -160,12 +160,7 @@ class SeedregCallback(pl.Callback):
                 "this checkpoint holds no seedreg state (it was saved without SeedregCallback, or by another version), so "
                 "the run cannot resume exactly; resume from a checkpoint saved with SeedregCallback, or start the fit afresh."
             )
-        s = self.session
-        for entry in saved.get("results") or []:
-            if entry.get("name") not in s._results:
-                s._results[entry["name"]] = dict(entry)
-                if s._replay is not None:
-                    s._replay.check_result(entry)
+        self.session._adopt_results(saved.get("results"))
         self._resume = saved["session"]
 
     # -- the fit -------------------------------------------------------------------------------------

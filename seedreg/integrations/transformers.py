@@ -1,0 +1,229 @@
+"""Hugging Face ``transformers``: a ``Trainer`` whose loaders, checkpoints and resume are seedreg's.
+
+>>> session = SeedSession(42).setup()                                   # doctest: +SKIP
+>>> model = session.build_model(lambda: BertForSequenceClassification(config), "model")
+>>> trainer = SeedregTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, session=session)
+>>> trainer.train()                                    # writes OUTPUT_DIR/seedreg-manifest.json
+>>> trainer.train(resume_from_checkpoint=True)         # resumes mid-epoch exactly
+
+What changes from ``transformers.Trainer``:
+
+- the train, eval and test loaders are ``session.build_dataloader`` loaders (instance ids
+  ``"train"``, ``"eval"`` or ``"eval:NAME"``, ``"test"``), with the Trainer's batch sizes, collator
+  (unused columns removed as usual) and worker settings; they are not handed to Accelerate, which
+  would rebuild them around a sampler of its own;
+- each checkpoint folder gets ``seedreg_state.json`` (the session's registry, global generators and
+  loader positions) beside the Trainer's own files; on resume the training loader continues at the
+  first batch not trained on (the Trainer's own batch skipping, which rebuilds the loader, is not
+  used) and the generators are restored before the next batch;
+- ``set_seed(args.seed)``, which ``Trainer.__init__`` calls, does not override the session's
+  seeding: the global generators are put back as they were before it. ``args.seed`` and
+  ``args.data_seed`` are not used; the session's master seed is;
+- the initial and final weights are recorded as results, and the manifest is written to
+  ``args.output_dir`` when ``train()`` ends.
+
+A checkpoint saved at the last step of an epoch is written before that epoch's evaluation, and the
+Trainer does not run that evaluation again on resume: the weights are the same, the manifest lists
+one use of the evaluation loader fewer.
+
+Refused, with the fix in the message: ``model_init`` (it builds the model outside the session,
+after reseeding with ``args.seed``), ``ignore_data_skip=True`` (a resumed epoch would be counted
+from its start), an ``IterableDataset`` for training, a session whose world size is not the
+Trainer's, and a checkpoint without ``seedreg_state.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Dict, Optional
+
+try:
+    import transformers
+    import transformers.trainer as _trainer_module
+except ImportError:  # pragma: no cover
+    raise ImportError(
+        "seedreg.integrations.transformers needs Hugging Face transformers: pip install \"seedreg[transformers]\" "
+        "(or pip install transformers)."
+    ) from None
+
+import torch
+
+from ..data import SeededDataLoader
+from ..errors import SeedregError, StateError
+from ..manifest import atomic_write
+from ..rng import capture_raw, restore_raw
+from ..session import SeedSession
+
+__all__ = ["SeedregTrainer", "STATE_FILE"]
+
+#: The file each checkpoint folder gets beside the Trainer's own.
+STATE_FILE = "seedreg_state.json"
+_FORMAT = "seedreg-transformers"
+
+
+class SeedregTrainer(transformers.Trainer):
+    """A :class:`transformers.Trainer` seeded, checkpointed and resumed through `session`.
+
+    Takes the Trainer's arguments, plus `session` (keyword only) and `manifest` (the file name
+    written into ``args.output_dir`` when ``train()`` ends; ``None`` writes none).
+    """
+
+    def __init__(self, *args: Any, session: SeedSession, manifest: Optional[str] = "seedreg-manifest.json", **kwargs: Any) -> None:
+        if not isinstance(session, SeedSession):
+            raise TypeError(f"`session` must be a seedreg.SeedSession, got {type(session).__name__}.")
+        if kwargs.get("model_init") is not None:
+            raise SeedregError(
+                "SeedregTrainer does not take `model_init`: it builds the model outside the session after reseeding with "
+                "args.seed. Build the model with session.build_model(...) and pass model=."
+            )
+        if manifest is not None and (type(manifest) is not str or not manifest or "/" in manifest):
+            raise ValueError(f"`manifest` must be a file name such as 'seedreg-manifest.json' (or None), got {manifest!r}.")
+        session.setup()
+        generators = capture_raw()
+        super().__init__(*args, **kwargs)
+        restore_raw(generators)  # Trainer.__init__ reseeded python, numpy and torch with args.seed
+        if self.args.ignore_data_skip:
+            raise SeedregError(
+                "SeedregTrainer resumes its training loader at the first batch not trained on; ignore_data_skip=True would "
+                "make the Trainer count the resumed epoch from its start. Leave ignore_data_skip=False."
+            )
+        if self.args.world_size != session.world_size:
+            raise SeedregError(
+                f"the session has world size {session.world_size} but the Trainer runs {self.args.world_size} processes; "
+                f"create the SeedSession in each process (it reads the rank and world size torchrun sets)."
+            )
+        self.session = session
+        self.manifest = manifest
+        self.manifest_path: Optional[pathlib.Path] = None
+        self._seedreg_train_loader: Optional[SeededDataLoader] = None
+        self._seedreg_checkpoint: Optional[str] = None
+
+    # -- loaders -----------------------------------------------------------------------------------
+
+    def _seeded_loader(self, dataset: Any, instance_id: str, description: str, batch_size: int, *, shuffle: bool,
+                       drop_last: bool = False) -> SeededDataLoader:
+        if isinstance(dataset, torch.utils.data.IterableDataset):
+            raise SeedregError(
+                f"SeedregTrainer's {description.lower()} loader needs a map-style dataset (with __len__ and __getitem__); "
+                f"got an IterableDataset. Stream through a hand-written loop with session.build_dataloader instead."
+            )
+        collator = self.data_collator
+        if _trainer_module.is_datasets_available() and isinstance(dataset, _trainer_module.datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description=description)
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description=description)
+        a = self.args
+        workers = a.dataloader_num_workers
+        extra: Dict[str, Any] = {"pin_memory": a.dataloader_pin_memory}
+        if workers:
+            extra.update(persistent_workers=a.dataloader_persistent_workers, prefetch_factor=a.dataloader_prefetch_factor,
+                         multiprocessing_context=a.dataloader_multiprocessing_context)
+        return self.session.build_dataloader(dataset, instance_id, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                                             drop_last=drop_last, collate_fn=collator, **extra)
+
+    def get_train_dataloader(self) -> SeededDataLoader:
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        loader = self._seeded_loader(self.train_dataset, "train", "Training", self._train_batch_size, shuffle=True,
+                                     drop_last=self.args.dataloader_drop_last)
+        self._seedreg_train_loader = loader
+        return loader
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> SeededDataLoader:
+        if eval_dataset is None and self.eval_dataset is None:
+            raise ValueError("Trainer: evaluation requires an eval_dataset.")
+        name = eval_dataset if isinstance(eval_dataset, str) else None
+        dataset = self.eval_dataset[name] if name is not None else eval_dataset if eval_dataset is not None else self.eval_dataset
+        return self._seeded_loader(dataset, "eval" if name is None else f"eval:{name}", "Evaluation", self.args.eval_batch_size,
+                                   shuffle=False, drop_last=self.args.dataloader_drop_last)
+
+    def get_test_dataloader(self, test_dataset: Any) -> SeededDataLoader:
+        return self._seeded_loader(test_dataset, "test", "test", self.args.eval_batch_size, shuffle=False)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        state = {"format": _FORMAT, "version": 1, "session": self.session.state_dict(), "results": self.session.results}
+        rank = self.session.rank
+        name = STATE_FILE if self.session.world_size == 1 else f"seedreg_state_{rank}.json"
+        atomic_write(pathlib.Path(output_dir) / name, json.dumps(state).encode())
+
+    def _seedreg_resume(self) -> None:
+        """Apply the resumed checkpoint's session state, once: registry, results, the position of
+        every loader this process holds; the global generators before the next batch."""
+        checkpoint, self._seedreg_checkpoint = self._seedreg_checkpoint, None
+        if checkpoint is None:
+            return
+        s = self.session
+        name = STATE_FILE if s.world_size == 1 else f"seedreg_state_{s.rank}.json"
+        path = pathlib.Path(checkpoint) / name
+        try:
+            saved = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise SeedregError(
+                f"{path} does not exist: the checkpoint was not saved by SeedregTrainer, so the run cannot resume exactly. "
+                f"Resume from a checkpoint SeedregTrainer saved, or start afresh."
+            ) from None
+        except ValueError as exc:
+            raise StateError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged.") from None
+        if not isinstance(saved, dict) or saved.get("format") != _FORMAT or saved.get("version") != 1 or "session" not in saved:
+            raise StateError(f"{path} is not a seedreg checkpoint state (format {_FORMAT!r}, version 1).")
+        state = saved["session"]
+        train = self._seedreg_train_loader
+        live = {(loader.instance_id, loader._use) for loader in s._live_loaders()}
+        loaders = state.get("loaders") if isinstance(state, dict) else None
+        if not isinstance(loaders, list):
+            raise StateError(f"{path} holds no list of loader states.")
+        # evaluation loaders are built afresh for each evaluation: only those this process holds are restored
+        kept = [ls for ls in loaders if isinstance(ls, dict) and (ls.get("instance_id"), ls.get("use")) in live]
+        if train is not None and not any((ls["instance_id"], ls["use"]) == (train.instance_id, train._use) for ls in kept):
+            raise StateError(f"{path} holds no position for the training loader; build the loaders as the run that saved it did.")
+        s._adopt_results(saved.get("results"))
+        s.load_state_dict({**state, "loaders": kept})
+
+    def _load_rng_state(self, checkpoint: Optional[str]) -> None:
+        # the session's state holds the generators (CUDA included) and the loaders' positions
+        self._seedreg_resume()
+
+    def _inner_training_loop(self, *args: Any, **kwargs: Any) -> Any:
+        checkpoint = kwargs.get("resume_from_checkpoint", args[2] if len(args) > 2 else None)
+        self._seedreg_checkpoint = checkpoint
+        if checkpoint is None and "initial_weights" not in self.session._results:
+            self.session.record_result("initial_weights", self.model.state_dict())
+        return super()._inner_training_loop(*args, **kwargs)
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        # The Trainer resumes mid-epoch by rebuilding the loader around a batch-skipping sampler
+        # (accelerate's skip_first_batches). The seeded loader resumes from the session state
+        # instead, so for it the skip puts that state in place and hands the loader back.
+        original = _trainer_module.skip_first_batches
+
+        def skip_first_batches(loader: Any, num_batches: int = 0) -> Any:
+            if loader is not self._seedreg_train_loader:
+                return original(loader, num_batches)
+            self._seedreg_resume()
+            where = loader.sampler.position, loader.sampler.num_samples
+            expected = min(num_batches * (loader.batch_size or 1), where[1])
+            if where[0] != expected:
+                raise StateError(
+                    f"the checkpoint's training loader stands at sample {where[0]} of its epoch but the Trainer resumes after "
+                    f"{num_batches} batches ({expected} samples); the checkpoint and trainer_state.json disagree."
+                )
+            return loader
+
+        _trainer_module.skip_first_batches = skip_first_batches
+        try:
+            return super()._run_epoch(*args, **kwargs)
+        finally:
+            _trainer_module.skip_first_batches = original
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().train(*args, **kwargs)
+        if "final_weights" not in self.session._results:
+            self.session.record_result("final_weights", self.model.state_dict())
+        if self.manifest is not None:
+            self.manifest_path = self.session.dump(pathlib.Path(self.args.output_dir) / self.manifest)
+        return output
+

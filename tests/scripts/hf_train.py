@@ -1,0 +1,94 @@
+"""A Hugging Face Trainer run through SeedregTrainer, in a fresh process (tests/test_transformers.py).
+
+    python tests/scripts/hf_train.py OUT [--kill-after STEP] [--resume CKPT] [--workers N] [--replay MANIFEST]
+
+A one-layer BERT built from a config (no download) classifies random token sequences whose tokens
+are masked at random in __getitem__ (the per-example streams), with dropout, for 3 epochs of 12
+steps, evaluating each epoch and checkpointing every 5 steps (--save-steps) into OUT/. With --kill-after the
+process dies (os._exit) right after that step's checkpoint. Writes OUT/weights.bin, OUT/batches.jsonl
+(step and a digest of its input ids) and OUT/seedreg-manifest.json.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import pathlib
+
+import numpy as np
+import torch
+import transformers
+from transformers import BertConfig, BertForSequenceClassification, TrainerCallback, TrainingArguments
+
+from seedreg import SeedSession
+from seedreg.integrations.transformers import SeedregTrainer
+
+transformers.logging.set_verbosity_error()
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        rng = np.random.default_rng(7)
+        self.ids = rng.integers(5, 60, size=(n, 16))
+        self.labels = (self.ids[:, 0] > 32).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        ids = torch.from_numpy(self.ids[i].copy())
+        ids[torch.rand(16) < 0.15] = 4  # random masking: torch's global generator, per example
+        return {"input_ids": ids, "attention_mask": torch.ones(16, dtype=torch.long), "labels": torch.tensor(self.labels[i])}
+
+
+class Logged(SeedregTrainer):
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        digest = hashlib.sha256(inputs["input_ids"].numpy().tobytes()).hexdigest()[:16]
+        with open(os.path.join(self.args.output_dir, "batches.jsonl"), "a") as f:
+            f.write(json.dumps([self.state.global_step, digest]) + "\n")
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+class KillAfter(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:  # that step's checkpoint was written when it ended
+            os._exit(17)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=pathlib.Path)
+    parser.add_argument("--kill-after", type=int)
+    parser.add_argument("--resume")
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--replay")
+    parser.add_argument("--save-steps", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    session = SeedSession.from_manifest(args.replay) if args.replay else SeedSession(2024)
+    session.setup()
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=32, num_labels=2)
+    model = session.build_model(lambda: BertForSequenceClassification(config), "model")
+    training = TrainingArguments(
+        output_dir=str(args.out), per_device_train_batch_size=8, per_device_eval_batch_size=16, num_train_epochs=3,
+        learning_rate=1e-3, save_strategy="steps", save_steps=args.save_steps, eval_strategy="epoch", logging_strategy="no",
+        report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=args.workers,
+    )
+    callbacks = [KillAfter(args.kill_after)] if args.kill_after is not None else []
+    trainer = Logged(model=model, args=training, train_dataset=Tokens(96), eval_dataset=Tokens(32), session=session,
+                     callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=args.resume)
+    blob = b"".join(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in model.state_dict().values())
+    (args.out / "weights.bin").write_bytes(blob)
+    result = {"global_step": trainer.state.global_step, "manifest": str(trainer.manifest_path)}
+    if args.replay:
+        result["verdict"] = session.replay_report()["verdict"]
+    (args.out / "result.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

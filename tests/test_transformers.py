@@ -1,0 +1,128 @@
+"""SeedregTrainer with the real transformers package, each run in a fresh process
+(tests/scripts/hf_train.py: a one-layer BERT from a config, 3 epochs of 12 steps, random masking)."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import TrainingArguments  # noqa: E402
+
+from seedreg import SeedregError, SeedSession  # noqa: E402
+from seedreg.integrations.transformers import STATE_FILE, SeedregTrainer  # noqa: E402
+
+from .conftest import SCRIPTS, run_python  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def train(out, *flags, expect_rc=0):
+    proc = run_python([SCRIPTS / "hf_train.py", out, *map(str, flags)], check=False)
+    assert proc.returncode == expect_rc, proc.stderr[-4000:]
+    return out
+
+
+def outcome(out):
+    return (out / "weights.bin").read_bytes(), (out / "batches.jsonl").read_text(), (out / "seedreg-manifest.json").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("hf") / "whole")
+
+
+def test_two_fresh_processes_give_identical_weights_batches_and_manifest(uninterrupted, tmp_path):
+    weights, batches, manifest = outcome(uninterrupted)
+    assert len(batches.splitlines()) == 36
+    assert outcome(train(tmp_path / "again")) == (weights, batches, manifest)
+
+
+@pytest.mark.parametrize("kill_after,save_steps,workers", [(20, 5, 0), (12, 12, 0), (15, 5, 2)],
+                         ids=["mid-epoch", "epoch-end", "mid-epoch-2-workers"])
+def test_killed_and_resumed_run_equals_the_uninterrupted_one(uninterrupted, tmp_path, kill_after, save_steps, workers):
+    out = tmp_path / "run"
+    train(out, "--kill-after", kill_after, "--save-steps", save_steps, "--workers", workers, expect_rc=17)
+    assert (out / f"checkpoint-{kill_after}" / STATE_FILE).is_file()
+    train(out, "--resume", out / f"checkpoint-{kill_after}", "--save-steps", save_steps, "--workers", workers)
+    weights, batches, manifest = outcome(out)
+    whole_weights, whole_batches, whole_manifest = outcome(uninterrupted)
+    assert batches == whole_batches and weights == whole_weights
+    if workers == 0 and kill_after % 12:
+        assert manifest == whole_manifest
+    # (a checkpoint at an epoch's last step is written before that epoch's evaluation, which the
+    # Trainer does not run again on resume: that manifest lists one evaluation loader fewer)
+
+
+def test_manifest_replays_bitwise(uninterrupted, tmp_path):
+    out = train(tmp_path / "replay", "--replay", uninterrupted / "seedreg-manifest.json")
+    assert json.loads((out / "result.json").read_text())["verdict"] == "bitwise"
+    assert (out / "weights.bin").read_bytes() == (uninterrupted / "weights.bin").read_bytes()
+
+
+# -- what it refuses -------------------------------------------------------------------------------
+
+
+class _Loss(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Linear(2, 1)
+
+    def forward(self, x, labels=None):
+        return {"loss": ((self.w(x).squeeze(-1) - labels) ** 2).mean()}
+
+
+class _Pairs(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return {"x": torch.tensor([float(i), 1.0]), "labels": torch.tensor(float(i % 2))}
+
+
+def _args(tmp_path, **kw):
+    return TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", disable_tqdm=True, **kw)
+
+
+def test_a_plain_module_trains_and_args_seed_does_not_reseed(tmp_path):
+    session = SeedSession(5).setup()
+    model = session.build_model(_Loss)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    trainer = SeedregTrainer(model=model, args=_args(tmp_path, num_train_epochs=1, per_device_train_batch_size=4, seed=99,
+                                                       save_strategy="no"), train_dataset=_Pairs(), session=session)
+    assert torch.equal(torch.rand(3), expected)  # Trainer.__init__'s set_seed(99) was undone
+    trainer.train()
+    assert [r["name"] for r in session.results] == ["initial_weights", "final_weights"]
+    assert (tmp_path / "seedreg-manifest.json").is_file()
+
+
+def test_refusals(tmp_path):
+    session = SeedSession(5)
+    with pytest.raises(SeedregError, match="model_init"):
+        SeedregTrainer(model_init=_Loss, args=_args(tmp_path), session=session)
+    with pytest.raises(SeedregError, match="ignore_data_skip=False"):
+        SeedregTrainer(model=_Loss(), args=_args(tmp_path, ignore_data_skip=True), session=session)
+    with pytest.raises(TypeError, match="seedreg.SeedSession"):
+        SeedregTrainer(model=_Loss(), args=_args(tmp_path), session=None)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([])
+
+    trainer = SeedregTrainer(model=_Loss(), args=_args(tmp_path, max_steps=1), train_dataset=Stream(), session=session)
+    with pytest.raises(SeedregError, match="map-style dataset"):
+        trainer.get_train_dataloader()
+
+
+def test_a_checkpoint_without_seedreg_state_is_refused(tmp_path, uninterrupted):
+    import shutil
+
+    ckpt = tmp_path / "checkpoint-5"
+    shutil.copytree(uninterrupted / "checkpoint-5", ckpt)
+    (ckpt / STATE_FILE).unlink()
+    proc = run_python([SCRIPTS / "hf_train.py", tmp_path, "--resume", ckpt], check=False)
+    assert proc.returncode != 0 and "was not saved by SeedregTrainer" in proc.stderr
