@@ -1,21 +1,23 @@
 """PyTorch Lightning: one callback that makes a ``Trainer.fit`` seeded, resumable and audited.
 
->>> session = SeedSession(42)                 # doctest: +SKIP
->>> callback = SeedregCallback(session)       # calls session.setup(): do this before building the model
->>> model = MyModule(session)                 # builds its layers with session.build_model, its
-...                                           # loaders with session.build_dataloader
->>> trainer = Trainer(callbacks=[callback], max_epochs=3)
->>> trainer.fit(model)                        # writes seedreg-manifest.json into the log directory
->>> trainer.fit(model, ckpt_path="last.ckpt") # resumes mid-epoch exactly
+    session = SeedSession(42)
+    callback = SeedregCallback(session)       # calls session.setup(): do this before building the model
+    model = MyModule(session)                 # builds its layers with session.build_model, its
+                                              # loaders with session.build_dataloader
+    trainer = Trainer(callbacks=[callback], max_epochs=3)
+    trainer.fit(model)                        # writes seedreg-manifest.json into the log directory
+    trainer.fit(model, ckpt_path="last.ckpt") # resumes mid-epoch exactly
 
 What it does:
 
 - every checkpoint carries the session's state (its registry, the global generators, each
   loader's position) under ``checkpoint["seedreg"]``, with each training loader's position set to
-  the batches the training loop took: Lightning fetches one batch ahead, so the loader itself has
-  handed out one more than the loop used;
+  the batches the training loop took (the loader's own count can differ: Lightning fetches ahead
+  of the loop for loaders without a length, and calls ``set_epoch`` after it created the epoch's
+  iterator);
 - on resume it restores that state once the loaders exist (at ``on_train_start``) and restarts the
-  training iterator at the first batch not taken, so a fit interrupted mid-epoch and resumed ends
+  training iterator at the first batch not taken (Lightning created it, before that hook, from the
+  loaders as they were built), so a fit interrupted mid-epoch and resumed ends
   with the same weights, byte for byte, as one that was never interrupted;
 - it records the initial and final weights as results (``initial_weights``, ``final_weights``)
   and dumps the manifest into ``trainer.log_dir`` (or ``default_root_dir``) at the end of fit.

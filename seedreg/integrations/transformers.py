@@ -1,10 +1,10 @@
 """Hugging Face ``transformers``: a ``Trainer`` whose loaders, checkpoints and resume are seedreg's.
 
->>> session = SeedSession(42).setup()                                   # doctest: +SKIP
->>> model = session.build_model(lambda: BertForSequenceClassification(config), "model")
->>> trainer = SeedregTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, session=session)
->>> trainer.train()                                    # writes OUTPUT_DIR/seedreg-manifest.json
->>> trainer.train(resume_from_checkpoint=True)         # resumes mid-epoch exactly
+    session = SeedSession(42).setup()
+    model = session.build_model(lambda: BertForSequenceClassification(config), "model")
+    trainer = SeedregTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, session=session)
+    trainer.train()                                    # writes OUTPUT_DIR/seedreg-manifest.json
+    trainer.train(resume_from_checkpoint=True)         # resumes mid-epoch exactly
 
 What changes from ``transformers.Trainer``:
 
@@ -72,6 +72,11 @@ class SeedregTrainer(transformers.Trainer):
     def __init__(self, *args: Any, session: SeedSession, manifest: Optional[str] = "seedreg-manifest.json", **kwargs: Any) -> None:
         if not isinstance(session, SeedSession):
             raise TypeError(f"`session` must be a seedreg.SeedSession, got {type(session).__name__}.")
+        if not (hasattr(transformers.Trainer, "_run_epoch") and hasattr(_trainer_module, "skip_first_batches")):
+            raise SeedregError(
+                f"SeedregTrainer needs transformers >= 5.24 (it resumes through Trainer._run_epoch); this is "
+                f"{transformers.__version__}. pip install -U \"seedreg[transformers]\"."
+            )
         if kwargs.get("model_init") is not None:
             raise SeedregError(
                 "SeedregTrainer does not take `model_init`: it builds the model outside the session after reseeding with "
