@@ -258,8 +258,8 @@ class SeededDataLoader(DataLoader):
         self,
         dataset: Any,
         *,
-        sampler: DeterministicSampler,
-        seed: int,
+        sampler: Optional[DeterministicSampler] = None,
+        seed: Optional[int] = None,
         instance_id: Any = None,
         batch_size: Optional[int] = 1,
         drop_last: bool = False,
@@ -271,6 +271,13 @@ class SeededDataLoader(DataLoader):
         streams: int = STREAMS,
         **kwargs: Any,
     ) -> None:
+        if not isinstance(sampler, DeterministicSampler) or type(seed) is not int:
+            raise SeedregError(
+                "a SeededDataLoader is built by SeedSession.build_dataloader, not rebuilt from its attributes: a framework "
+                "that re-creates loaders from their attributes (Lightning's Trainer.predict does) cannot re-create "
+                "this one. Give that step a plain DataLoader (prediction draws no randomness), or iterate the "
+                "seeded loader yourself."
+            )
         if kwargs.get("in_order", True) is not True:
             raise ValueError(
                 "`in_order=False` is not supported: batches would arrive out of order, so neither the order a "

@@ -104,6 +104,27 @@ def test_refuses_a_streaming_training_loader():
         SeedregCallback(session).on_train_start(trainer, None)
 
 
+def test_predict_which_rebuilds_loaders_gets_a_clear_error():
+    from seedreg.demo import TinyCNN, ToyImages
+
+    session = SeedSession(1)
+    callback = SeedregCallback(session, manifest=None)
+
+    class Predict(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = session.build_model(TinyCNN, "net")
+
+        def predict_step(self, batch, batch_idx):
+            return self.net(batch[0]).argmax(1)
+
+    trainer = pl.Trainer(accelerator="cpu", callbacks=[callback], logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(SeedregError, match="Give that step a plain DataLoader"):
+        trainer.predict(Predict(), session.build_dataloader(ToyImages(16), "p", batch_size=8))
+    plain = torch.utils.data.DataLoader(ToyImages(16, augment=False), batch_size=8)
+    assert sum(len(p) for p in trainer.predict(Predict(), plain)) == 16
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="seedreg.SeedSession"):
         SeedregCallback(object())
