@@ -63,6 +63,38 @@ def test_manifest_replays_bitwise(uninterrupted, tmp_path):
     assert (out / "weights.bin").read_bytes() == (uninterrupted / "weights.bin").read_bytes()
 
 
+def torchrun(out, *flags, killed=False):
+    """Two processes under torchrun, DDP over gloo; retried when the launch itself fails (port)."""
+    from .test_distributed import _PORT_TROUBLE, free_port
+
+    for attempt in range(3):
+        proc = run_python(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                           "--master-port", str(free_port()), SCRIPTS / "lightning_fit.py", out, "--ddp", "--every", "4",
+                           *map(str, flags)], check=False)
+        if (proc.returncode != 0) == killed or attempt == 2 or not any(p in proc.stderr.lower() for p in _PORT_TROUBLE):
+            break
+    assert (proc.returncode != 0) == killed, proc.stderr[-4000:]
+    return out
+
+
+def test_ddp_two_ranks_partition_the_data_and_resume_exactly(tmp_path):
+    """torchrun, 2 ranks: each epoch the ranks' batches hold every example once; a fit killed
+    mid-epoch on both ranks and resumed from rank 0's checkpoint file (which holds every rank's
+    session state) equals the uninterrupted one, rank by rank."""
+    whole = torchrun(tmp_path / "whole")
+    steps = [[json.loads(line) for line in (whole / f"batches-rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert [len(s) for s in steps] == [18, 18]
+    for epoch in range(3):
+        seen = sorted(i for r in (0, 1) for _, batch in steps[r][epoch * 6 : (epoch + 1) * 6] for i in batch)
+        assert seen == list(range(96))
+    run = torchrun(tmp_path / "run", "--kill-after", "8", killed=True)
+    torchrun(run, "--resume", run / "ckpt" / "epoch=1-step=8.ckpt")
+    for r in (0, 1):
+        for name in (f"weights-rank{r}.bin", f"batches-rank{r}.jsonl"):
+            assert (run / name).read_bytes() == (whole / name).read_bytes(), name
+    assert (run / "logs" / "seedreg-manifest.json").read_bytes() == (whole / "logs" / "seedreg-manifest.json").read_bytes()
+
+
 # -- what it refuses ---------------------------------------------------------------------------------
 
 

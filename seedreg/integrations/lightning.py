@@ -11,7 +11,8 @@
 What it does:
 
 - every checkpoint carries the session's state (its registry, the global generators, each
-  loader's position) under ``checkpoint["seedreg"]``, with each training loader's position set to
+  loader's position; with several processes, every rank's, gathered into the file rank 0 writes)
+  under ``checkpoint["seedreg"]``, with each training loader's position set to
   the batches the training loop took (the loader's own count can differ: Lightning fetches ahead
   of the loop for loaders without a length, and calls ``set_epoch`` after it created the epoch's
   iterator);
@@ -21,6 +22,9 @@ What it does:
   with the same weights, byte for byte, as one that was never interrupted;
 - it records the initial and final weights as results (``initial_weights``, ``final_weights``)
   and dumps the manifest into ``trainer.log_dir`` (or ``default_root_dir``) at the end of fit.
+
+With several processes, launch with ``torchrun`` (the session reads its rank and world size from
+the environment torchrun sets) and pass ``Trainer(strategy="ddp", use_distributed_sampler=False)``.
 
 It refuses, with the fix in the message, what would silently break reproducibility: Lightning's
 distributed sampler replacing seedreg's (``use_distributed_sampler=False`` is needed with several
@@ -140,6 +144,7 @@ class SeedregCallback(pl.Callback):
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Dict[str, Any]) -> None:
         state = self.session.state_dict()
         train = self._check_train_loaders(trainer)
+        combined = None
         if train:
             taken = int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
             fixed = {id(loader): self._taken_state(loader, taken) for loader in train}
@@ -149,11 +154,18 @@ class SeedregCallback(pl.Callback):
                 for ls in state["loaders"]
             ]
             # Lightning keeps each stateful loader's own state_dict() too; keep the two in agreement
+            stateful = [l for l in _train_loaders(trainer) if hasattr(l, "state_dict") and hasattr(l, "load_state_dict")]
+            combined = [fixed.get(id(l)) or l.state_dict() for l in stateful]
             fit = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
             if "combined_loader" in fit:
-                stateful = [l for l in _train_loaders(trainer) if hasattr(l, "state_dict") and hasattr(l, "load_state_dict")]
-                fit["combined_loader"] = [fixed.get(id(l)) or l.state_dict() for l in stateful]
-        checkpoint[_KEY] = {"format": _FORMAT, "version": 1, "session": state, "results": self.session.results}
+                fit["combined_loader"] = combined
+        mine = {"rank": self.session.rank, "session": state, "results": self.session.results, "combined_loader": combined}
+        # Every rank runs this hook, only rank 0 writes the file: gather each rank's state into it
+        ranks = [mine]
+        if self.session.world_size > 1:
+            ranks = [None] * self.session.world_size
+            torch.distributed.all_gather_object(ranks, mine)
+        checkpoint[_KEY] = {"format": _FORMAT, "version": 1, "ranks": ranks}
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Dict[str, Any]) -> None:
         saved = checkpoint.get(_KEY)
@@ -162,8 +174,21 @@ class SeedregCallback(pl.Callback):
                 "this checkpoint holds no seedreg state (it was saved without SeedregCallback, or by another version), so "
                 "the run cannot resume exactly; resume from a checkpoint saved with SeedregCallback, or start the fit afresh."
             )
-        self.session._adopt_results(saved.get("results"))
-        self._resume = saved["session"]
+        ranks = saved.get("ranks")
+        s = self.session
+        if not isinstance(ranks, list) or len(ranks) != s.world_size or not isinstance(ranks[s.rank], dict):
+            raise SeedregError(
+                f"this checkpoint holds seedreg states for {len(ranks) if isinstance(ranks, list) else 0} rank(s) but the run "
+                f"has {s.world_size}; resume with as many processes as the run that saved it."
+            )
+        mine = ranks[s.rank]
+        s._adopt_results(mine.get("results"))
+        self._resume = mine["session"]
+        # Lightning restores its copy of the training loaders' states (rank 0's) before our hook:
+        # hand it this rank's
+        fit = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        if "combined_loader" in fit and mine.get("combined_loader") is not None:
+            fit["combined_loader"] = mine["combined_loader"]
 
     # -- the fit -------------------------------------------------------------------------------------
 

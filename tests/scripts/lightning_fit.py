@@ -32,7 +32,7 @@ class Module(pl.LightningModule):
         self.session = session
         self.workers = workers
         self.net = session.build_model(TinyCNN, "net")
-        self.log_file = out / "batches.jsonl"
+        self.log_file = out / ("batches.jsonl" if session.world_size == 1 else f"batches-rank{session.rank}.jsonl")
 
     def training_step(self, batch, batch_idx):
         indices, (x, y) = batch
@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--resume")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--replay")
+    parser.add_argument("--ddp", action="store_true", help="under torchrun: DDP over gloo, one process per rank")
     parser.add_argument("--every", type=int, default=5, help="checkpoint every this many steps (0: each epoch)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -78,21 +79,27 @@ def main() -> None:
     session = SeedSession.from_manifest(args.replay) if args.replay else SeedSession(2024)
     callback = SeedregCallback(session)
     model = Module(session, args.workers, args.out)
+    if not args.resume:  # a fresh fit (or a launch tried again) starts the log afresh
+        model.log_file.unlink(missing_ok=True)
     every = {"every_n_train_steps": args.every} if args.every else {}  # 0: at the end of each epoch
     callbacks = [callback, ModelCheckpoint(dirpath=args.out / "ckpt", save_top_k=-1, **every)]
     if args.kill_after is not None:
         callbacks.append(KillAfter(args.kill_after))
+    ddp = {"strategy": "ddp", "devices": session.world_size, "use_distributed_sampler": False} if args.ddp else {"devices": 1}
     trainer = pl.Trainer(
-        max_epochs=3, accelerator="cpu", devices=1, callbacks=callbacks, logger=CSVLogger(args.out / "logs", name="", version=""),
+        max_epochs=3, accelerator="cpu", **ddp, callbacks=callbacks, logger=CSVLogger(args.out / "logs", name="", version=""),
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1,
     )
     trainer.fit(model, ckpt_path=args.resume)
+    if torch.distributed.is_initialized():  # gloo can abort a process that exits with its group alive
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     blob = b"".join(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in model.state_dict().values())
-    (args.out / "weights.bin").write_bytes(blob)
+    (args.out / ("weights.bin" if session.world_size == 1 else f"weights-rank{session.rank}.bin")).write_bytes(blob)
     result = {"manifest": str(callback.manifest_path), "global_step": trainer.global_step}
     if args.replay:
         result["verdict"] = session.replay_report()["verdict"]
-    (args.out / "result.json").write_text(json.dumps(result))
+    (args.out / ("result.json" if session.world_size == 1 else f"result-rank{session.rank}.json")).write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
