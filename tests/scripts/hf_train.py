@@ -9,11 +9,9 @@ process dies (os._exit) right after that step's checkpoint. Writes OUT/weights.b
 (step and a digest of its input ids) and OUT/seedreg-manifest.json.
 """
 
-import argparse
 import hashlib
 import json
 import os
-import pathlib
 
 import numpy as np
 import torch
@@ -22,6 +20,7 @@ from transformers import BertConfig, BertForSequenceClassification, TrainerCallb
 
 from seedreg import SeedSession
 from seedreg.integrations.transformers import SeedregTrainer
+from tests.scripts.framework_run import arguments, weights_bytes
 
 transformers.logging.set_verbosity_error()
 
@@ -59,12 +58,7 @@ class KillAfter(TrainerCallback):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out", type=pathlib.Path)
-    parser.add_argument("--kill-after", type=int)
-    parser.add_argument("--resume")
-    parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--replay")
+    parser = arguments()
     parser.add_argument("--save-steps", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -82,7 +76,7 @@ def main() -> None:
     trainer = Logged(model=model, args=training, train_dataset=Tokens(96), eval_dataset=Tokens(32), session=session,
                      callbacks=callbacks)
     trainer.train(resume_from_checkpoint=args.resume)
-    blob = b"".join(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in model.state_dict().values())
+    blob = weights_bytes(model)
     (args.out / "weights.bin").write_bytes(blob)
     result = {"global_step": trainer.state.global_step, "manifest": str(trainer.manifest_path)}
     if args.replay:

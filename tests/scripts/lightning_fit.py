@@ -9,7 +9,6 @@ Writes OUT/weights.bin (the final state dict's bytes), OUT/batches.json (the ind
 batch each step trained on) and the manifest into OUT/logs/.
 """
 
-import argparse
 import json
 import os
 import pathlib
@@ -24,6 +23,7 @@ from lightning.pytorch.loggers import CSVLogger
 from seedreg import SeedSession
 from seedreg.demo import TinyCNN, ToyImages
 from seedreg.integrations.lightning import SeedregCallback
+from tests.scripts.framework_run import arguments, weights_bytes
 
 
 class Module(pl.LightningModule):
@@ -65,12 +65,7 @@ class KillAfter(pl.Callback):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out", type=pathlib.Path)
-    parser.add_argument("--kill-after", type=int)
-    parser.add_argument("--resume")
-    parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--replay")
+    parser = arguments()
     parser.add_argument("--ddp", action="store_true", help="under torchrun: DDP over gloo, one process per rank")
     parser.add_argument("--every", type=int, default=5, help="checkpoint every this many steps (0: each epoch)")
     args = parser.parse_args()
@@ -94,7 +89,7 @@ def main() -> None:
     if torch.distributed.is_initialized():  # gloo can abort a process that exits with its group alive
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    blob = b"".join(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in model.state_dict().values())
+    blob = weights_bytes(model)
     (args.out / ("weights.bin" if session.world_size == 1 else f"weights-rank{session.rank}.bin")).write_bytes(blob)
     result = {"manifest": str(callback.manifest_path), "global_step": trainer.global_step}
     if args.replay:
