@@ -118,11 +118,19 @@ def test_refusals(tmp_path):
         trainer.get_train_dataloader()
 
 
-def test_a_checkpoint_without_seedreg_state_is_refused(tmp_path, uninterrupted):
+@pytest.mark.parametrize("damage,message", [("remove", "was not saved by SeedregTrainer"), ("truncate", "is not valid JSON"),
+                                            ("directory", "is a directory")])
+def test_a_checkpoint_without_a_whole_seedreg_state_is_refused(tmp_path, uninterrupted, damage, message):
     import shutil
 
     ckpt = tmp_path / "checkpoint-5"
     shutil.copytree(uninterrupted / "checkpoint-5", ckpt)
-    (ckpt / STATE_FILE).unlink()
+    state = ckpt / STATE_FILE
+    if damage == "truncate":
+        state.write_bytes(state.read_bytes()[:100])
+    else:
+        state.unlink()
+        if damage == "directory":
+            state.mkdir()
     proc = run_python([SCRIPTS / "hf_train.py", tmp_path, "--resume", ckpt], check=False)
-    assert proc.returncode != 0 and "was not saved by SeedregTrainer" in proc.stderr
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]

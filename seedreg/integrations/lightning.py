@@ -60,6 +60,7 @@ from ..data import SeededDataLoader
 from ..errors import SeedregError
 from ..session import SeedSession
 from ..streaming import SeededIterableLoader
+from ._common import check_manifest_name, check_session, record_weights_once
 
 __all__ = ["SeedregCallback"]
 
@@ -84,12 +85,8 @@ class SeedregCallback(pl.Callback):
     """
 
     def __init__(self, session: SeedSession, *, manifest: Optional[str] = "seedreg-manifest.json", record_weights: bool = True) -> None:
-        if not isinstance(session, SeedSession):
-            raise TypeError(f"`session` must be a seedreg.SeedSession, got {type(session).__name__}.")
-        if manifest is not None and (type(manifest) is not str or not manifest or "/" in manifest):
-            raise ValueError(f"`manifest` must be a file name such as 'seedreg-manifest.json' (or None), got {manifest!r}.")
-        self.session = session.setup()
-        self.manifest = manifest
+        self.session = check_session(session).setup()
+        self.manifest = check_manifest_name(manifest)
         self.record_weights = record_weights
         self.manifest_path: Optional[pathlib.Path] = None
         self._resume: Optional[Dict[str, Any]] = None
@@ -116,8 +113,9 @@ class SeedregCallback(pl.Callback):
                 "leave Trainer's `deterministic` unset: the session applies it."
             )
 
-    def _check_train_loaders(self, trainer: Any) -> List[SeededDataLoader]:
-        loaders = _train_loaders(trainer)
+    @staticmethod
+    def _seeded(loaders: List[Any]) -> List[SeededDataLoader]:
+        """The seeded ones among the training loaders; a streaming one is refused."""
         for loader in loaders:
             if isinstance(loader, SeededIterableLoader):
                 raise SeedregError(
@@ -143,18 +141,16 @@ class SeedregCallback(pl.Callback):
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Dict[str, Any]) -> None:
         state = self.session.state_dict()
-        train = self._check_train_loaders(trainer)
+        loaders = _train_loaders(trainer)
+        train = self._seeded(loaders)
         combined = None
         if train:
             taken = int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
             fixed = {id(loader): self._taken_state(loader, taken) for loader in train}
-            keys = {(loader.instance_id, loader._use): fixed[id(loader)] for loader in train}
-            state["loaders"] = [
-                {**keys[(ls["instance_id"], ls["use"])]} if (ls["instance_id"], ls["use"]) in keys else ls
-                for ls in state["loaders"]
-            ]
+            by_key = {(loader.instance_id, loader._use): fixed[id(loader)] for loader in train}
+            state["loaders"] = [by_key.get((ls["instance_id"], ls["use"]), ls) for ls in state["loaders"]]
             # Lightning keeps each stateful loader's own state_dict() too; keep the two in agreement
-            stateful = [l for l in _train_loaders(trainer) if hasattr(l, "state_dict") and hasattr(l, "load_state_dict")]
+            stateful = [l for l in loaders if hasattr(l, "state_dict") and hasattr(l, "load_state_dict")]
             combined = [fixed.get(id(l)) or l.state_dict() for l in stateful]
             fit = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
             if "combined_loader" in fit:
@@ -193,37 +189,26 @@ class SeedregCallback(pl.Callback):
     # -- the fit -------------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.record_weights and self._resume is None and "initial_weights" not in self.session._results:
-            self.session.record_result("initial_weights", pl_module.state_dict())
+        if self.record_weights and self._resume is None:
+            record_weights_once(self.session, "initial_weights", pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        train = self._check_train_loaders(trainer)
+        self._seeded(_train_loaders(trainer))
         if self._resume is None:
             return
         state, self._resume = self._resume, None
-        mine = {(loader.instance_id, loader._use) for loader in train}
-        by_key = {(ls.get("instance_id"), ls.get("use")): ls for ls in state.get("loaders", []) if isinstance(ls, dict)}
-        missing = mine - set(by_key)
-        if missing:
-            raise SeedregError(
-                f"the checkpoint holds no position for the training loader(s) {sorted(missing, key=repr)}; build the loaders "
-                f"as the run that saved it did (same instance ids, same order)."
-            )
-        # the registry, the global generators and every other loader through the session; the
-        # generators are put back right before the next batch is drawn
-        self.session.load_state_dict({**state, "loaders": [ls for key, ls in by_key.items() if key not in mine]})
-        for loader in train:
-            loader.load_state_dict({k: v for k, v in by_key[(loader.instance_id, loader._use)].items() if k != "use"})
-        # Lightning created the training iterator (and fetched a batch) before this hook, from the
-        # loaders as they were: start it again at the first batch not taken
+        # the registry, every loader's position (the training loaders' as the loop took them) and
+        # the global generators, which are put back right before the next batch is drawn
+        self.session.load_state_dict(state)
+        # Lightning created the training iterator before this hook, from the loaders as they were
+        # built: start it again at the first batch not taken
         fetcher = trainer.fit_loop._data_fetcher
         if fetcher is not None:
-            fetcher.reset()
             iter(fetcher)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.record_weights and "final_weights" not in self.session._results:
-            self.session.record_result("final_weights", pl_module.state_dict())
+        if self.record_weights:
+            record_weights_once(self.session, "final_weights", pl_module)
         if self.manifest is not None:
             directory = trainer.log_dir or trainer.default_root_dir
             self.manifest_path = self.session.dump(pathlib.Path(directory) / self.manifest)

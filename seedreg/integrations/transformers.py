@@ -50,16 +50,18 @@ except ImportError:  # pragma: no cover
 import torch
 
 from ..data import SeededDataLoader
-from ..errors import SeedregError, StateError
-from ..manifest import atomic_write
+from ..errors import ManifestError, SeedregError, StateError
+from ..manifest import atomic_write, read_regular_file
 from ..rng import capture_raw, restore_raw
 from ..session import SeedSession
+from ._common import check_manifest_name, check_session, record_weights_once
 
 __all__ = ["SeedregTrainer", "STATE_FILE"]
 
 #: The file each checkpoint folder gets beside the Trainer's own.
 STATE_FILE = "seedreg_state.json"
 _FORMAT = "seedreg-transformers"
+_MAX_STATE_BYTES = 1 << 30  # a session state is a few KiB a loader and ~200 bytes a seed
 
 
 class SeedregTrainer(transformers.Trainer):
@@ -70,8 +72,7 @@ class SeedregTrainer(transformers.Trainer):
     """
 
     def __init__(self, *args: Any, session: SeedSession, manifest: Optional[str] = "seedreg-manifest.json", **kwargs: Any) -> None:
-        if not isinstance(session, SeedSession):
-            raise TypeError(f"`session` must be a seedreg.SeedSession, got {type(session).__name__}.")
+        check_session(session)
         if not (hasattr(transformers.Trainer, "_run_epoch") and hasattr(_trainer_module, "skip_first_batches")):
             raise SeedregError(
                 f"SeedregTrainer needs transformers >= 5.24 (it resumes through Trainer._run_epoch); this is "
@@ -82,8 +83,7 @@ class SeedregTrainer(transformers.Trainer):
                 "SeedregTrainer does not take `model_init`: it builds the model outside the session after reseeding with "
                 "args.seed. Build the model with session.build_model(...) and pass model=."
             )
-        if manifest is not None and (type(manifest) is not str or not manifest or "/" in manifest):
-            raise ValueError(f"`manifest` must be a file name such as 'seedreg-manifest.json' (or None), got {manifest!r}.")
+        manifest = check_manifest_name(manifest)
         session.setup()
         generators = capture_raw()
         super().__init__(*args, **kwargs)
@@ -148,12 +148,14 @@ class SeedregTrainer(transformers.Trainer):
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
+    def _state_file(self, checkpoint: str) -> pathlib.Path:
+        s = self.session
+        return pathlib.Path(checkpoint) / (STATE_FILE if s.world_size == 1 else f"seedreg_state_{s.rank}.json")
+
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
         state = {"format": _FORMAT, "version": 1, "session": self.session.state_dict(), "results": self.session.results}
-        rank = self.session.rank
-        name = STATE_FILE if self.session.world_size == 1 else f"seedreg_state_{rank}.json"
-        atomic_write(pathlib.Path(output_dir) / name, json.dumps(state).encode())
+        atomic_write(self._state_file(output_dir), json.dumps(state).encode())
 
     def _seedreg_resume(self) -> None:
         """Apply the resumed checkpoint's session state, once: registry, results, the position of
@@ -162,15 +164,16 @@ class SeedregTrainer(transformers.Trainer):
         if checkpoint is None:
             return
         s = self.session
-        name = STATE_FILE if s.world_size == 1 else f"seedreg_state_{s.rank}.json"
-        path = pathlib.Path(checkpoint) / name
-        try:
-            saved = json.loads(path.read_text())
-        except FileNotFoundError:
+        path = self._state_file(checkpoint)
+        if not path.exists():
             raise SeedregError(
                 f"{path} does not exist: the checkpoint was not saved by SeedregTrainer, so the run cannot resume exactly. "
                 f"Resume from a checkpoint SeedregTrainer saved, or start afresh."
-            ) from None
+            )
+        try:
+            saved = json.loads(read_regular_file(path, _MAX_STATE_BYTES))
+        except ManifestError as exc:
+            raise StateError(f"{path}: {exc}") from None
         except ValueError as exc:
             raise StateError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged.") from None
         if not isinstance(saved, dict) or saved.get("format") != _FORMAT or saved.get("version") != 1 or "session" not in saved:
@@ -195,8 +198,8 @@ class SeedregTrainer(transformers.Trainer):
     def _inner_training_loop(self, *args: Any, **kwargs: Any) -> Any:
         checkpoint = kwargs.get("resume_from_checkpoint", args[2] if len(args) > 2 else None)
         self._seedreg_checkpoint = checkpoint
-        if checkpoint is None and "initial_weights" not in self.session._results:
-            self.session.record_result("initial_weights", self.model.state_dict())
+        if checkpoint is None:
+            record_weights_once(self.session, "initial_weights", self.model)
         return super()._inner_training_loop(*args, **kwargs)
 
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
@@ -226,8 +229,7 @@ class SeedregTrainer(transformers.Trainer):
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         output = super().train(*args, **kwargs)
-        if "final_weights" not in self.session._results:
-            self.session.record_result("final_weights", self.model.state_dict())
+        record_weights_once(self.session, "final_weights", self.model)
         if self.manifest is not None:
             self.manifest_path = self.session.dump(pathlib.Path(self.args.output_dir) / self.manifest)
         return output
