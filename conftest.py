@@ -1,4 +1,13 @@
 import importlib.util
+import os
+import sys
+
+# SEEDREG_TEST_SITE=DIR runs the tests against the seedreg installed in DIR (a built wheel,
+# `pip install --target DIR`), in this process and in every child the tests start, instead of
+# the checkout (.ci/run does this for the integration tests).
+_SITE = os.environ.get("SEEDREG_TEST_SITE")
+if _SITE:
+    sys.path.insert(0, os.path.abspath(_SITE))
 
 # Keep pytest's doctest collection away from the module that runs the CLI on import, and from the
 # integrations whose framework is not installed (they are optional extras).

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import random
 import struct
+import warnings
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -24,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, default_collate, default_convert, get_worker_info
 
 from .derive import mix_seed
-from .errors import SeedregError, StateError
+from .errors import SeedregError, SeedregWarning, StateError
 from .rng import seed_numpy_global
 from .sampler import DeterministicSampler
 
@@ -187,7 +188,15 @@ class _KeyedBatches:
         if loader._plan is None:
             loader._plan_epoch()
         epoch, indices = loader._plan  # type: ignore[misc]
-        return self._batches(epoch, indices, loader.batch_size, loader.drop_last)
+        batches = self._batches(epoch, indices, loader.batch_size, loader.drop_last)
+        return batches if loader._batch_recorder is None else self._noted(batches, loader._batch_recorder)
+
+    @staticmethod
+    def _noted(batches: Iterator[Any], recorder: Any) -> Iterator[Any]:
+        recorder.seen_batch_indices = []
+        for key in batches:
+            recorder.seen_batch_indices.append(list(key[1]) if isinstance(key[1], list) else [key[1]])
+            yield key
 
     @staticmethod
     def _batches(epoch: int, indices: List[int], bs: Optional[int], drop_last: bool) -> Iterator[Any]:
@@ -253,6 +262,7 @@ class SeededDataLoader(DataLoader):
     _with_indices = False
     _subset_weights: Optional[torch.Tensor] = None
     _example_weights: Optional[torch.Tensor] = None
+    _batch_recorder: Any = None  # a framework's batch sampler that notes each batch's indices
 
     def __init__(
         self,
@@ -271,12 +281,22 @@ class SeededDataLoader(DataLoader):
         streams: int = STREAMS,
         **kwargs: Any,
     ) -> None:
+        recorder = kwargs.get("batch_sampler")
+        if sampler is None and type(seed) is int and isinstance(getattr(recorder, "sampler", None), DeterministicSampler):
+            # A framework re-creating this loader around a batch sampler over ours: Lightning's
+            # Trainer.predict does, to note each batch's indices. The loader stays itself (same
+            # order, batches and per-example streams) and reports each batch's indices to it.
+            sampler, batch_size, drop_last = recorder.sampler, recorder.batch_size, bool(recorder.drop_last)
+            for name in ("batch_sampler", "shuffle"):
+                kwargs.pop(name, None)
+        else:
+            recorder = None
         if not isinstance(sampler, DeterministicSampler) or type(seed) is not int:
             raise SeedregError(
                 "a SeededDataLoader is built by SeedSession.build_dataloader, not rebuilt from its attributes: a framework "
-                "that re-creates loaders from their attributes (Lightning's Trainer.predict does) cannot re-create "
-                "this one. Give that step a plain DataLoader (prediction draws no randomness), or iterate the "
-                "seeded loader yourself."
+                "that re-creates loaders from their attributes can re-create it only from the arguments it was built "
+                "with, which Lightning keeps for loaders built inside its hooks: build it with session.build_dataloader "
+                "inside the LightningModule's predict_dataloader() (or the DataModule's), or give that step a plain DataLoader."
             )
         if kwargs.get("in_order", True) is not True:
             raise ValueError(
@@ -305,6 +325,9 @@ class SeededDataLoader(DataLoader):
             worker_init_fn=_WorkerInit(seed, worker_init_fn, rank=sampler.rank, streams=streams),
             **kwargs,
         )
+        if recorder is not None:
+            self._batch_recorder = recorder
+            object.__setattr__(self, "batch_sampler", recorder)  # where the framework looks for the indices
 
     @property
     def _index_sampler(self) -> _KeyedBatches:  # type: ignore[override]
@@ -385,6 +408,15 @@ class SeededDataLoader(DataLoader):
 
     def _plan_epoch(self) -> None:
         sampler: DeterministicSampler = self.sampler
+        if sampler._resumed_at_end:
+            warnings.warn(
+                f"loader {self._instance_id!r} was resumed at the end of epoch {sampler.epoch} (its state was saved after "
+                f"the epoch's last batch), and is iterated without set_epoch: this pass yields that epoch's empty rest "
+                f"and the next pass epoch {sampler.epoch + 1}. A loop that resumes at the next epoch loses one this way: "
+                f"call loader.set_epoch(epoch) at the top of each epoch (or resume the loop at epoch {sampler.epoch}).",
+                SeedregWarning,
+                stacklevel=3,
+            )
         indices = sampler.begin_epoch()
         epoch = sampler.epoch
         self._plan = (epoch, indices)

@@ -12,6 +12,7 @@ __all__ = [
     "ReplayMismatchError",
     "SeedCollisionError",
     "SeedregError",
+    "SeedregWarning",
     "StateError",
 ]
 
@@ -39,3 +40,9 @@ class ReplayMismatchError(SeedregError, ValueError):
 class StateError(SeedregError, ValueError):
     """A ``state_dict`` is malformed or belongs to a different run (seed, scheme, world size)."""
 
+
+
+class SeedregWarning(UserWarning):
+    """A likely mistake that does not stop the run: a builder used before ``setup()``, one key
+    built again with other settings. Shown by Python once per place; silence one kind with
+    ``warnings.filterwarnings("ignore", category=seedreg.SeedregWarning)``."""

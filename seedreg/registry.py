@@ -15,12 +15,13 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import warnings
 import weakref
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 from ._log import logger as log
 from .derive import InstanceId, check_instance_id, check_purpose, derivation_input, derive_seed
-from .errors import SeedCollisionError, SeedregError, StateError
+from .errors import SeedCollisionError, SeedregError, SeedregWarning, StateError
 from .records import KINDS, SeedRecord, Use, differences, record_to_dict
 
 __all__ = ["Registry", "KINDS"]
@@ -183,6 +184,13 @@ class Registry:
             if warn:
                 entry.warned = True
         if warn:
+            warnings.warn(
+                f"the key (purpose={purpose!r}, instance_id={instance_id!r}) was built again (use {number}) with other "
+                f"settings than its earlier use, so both get the same seed and random streams; give each component its "
+                f"own instance_id (e.g. 'train' and 'val').",
+                SeedregWarning,
+                stacklevel=3,
+            )
             log.warning(
                 "seedreg_key_reused",
                 purpose=purpose,

@@ -13,7 +13,7 @@ must come out the same. The report's verdict says what a user may conclude:
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Mapping, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .derive import InstanceId
 from .errors import ReplayMismatchError
@@ -74,8 +74,10 @@ class Replay:
     kept them for.
     """
 
-    def __init__(self, manifest: Any, records: Iterable[SeedRecord], *, strict: bool, legacy: bool = False) -> None:
+    def __init__(self, manifest: Any, records: Iterable[SeedRecord], *, strict: bool, legacy: bool = False,
+                 environment: Optional[Callable[[], Mapping[str, Any]]] = None) -> None:
         self.manifest = manifest
+        self.environment = environment  # the replaying process's environment, read when a check fails
         self.strict = strict
         self.legacy = legacy
         self.expected: Dict[Tuple[str, type, InstanceId], SeedRecord] = {_typed(r.key): r for r in records}
@@ -149,7 +151,19 @@ class Replay:
             "recorded": recorded, "current": current, "message": message,
         })
         if self.strict:
-            raise ReplayMismatchError(f"replay diverged: {message}.")
+            raise ReplayMismatchError(f"replay diverged: {self._environment_first()}{message}.")
+
+    def _environment_first(self) -> str:
+        """The environment keys that rule out a bitwise replay, named first in a strict replay's
+        error: a changed thread count or library version is the likelier cause than the script."""
+        if self.environment is None:
+            return ""
+        changed = [d for d in environment_differences(self.manifest.environment, self.environment()) if d["breaks_bitwise"]]
+        if not changed:
+            return ""
+        listed = ", ".join(f"{d['key']} {d['recorded']!r} -> {d['current']!r}" for d in changed)
+        return (f"this process's environment differs from the recorded run's ({listed}), which alone changes results "
+                f"(replay with strict=False for a 'statistical' verdict, or restore it); then ")
 
     # -- results ----------------------------------------------------------------------------------
 
@@ -161,8 +175,8 @@ class Replay:
             return
         if (recorded["kind"], recorded["value"]) != (result["kind"], result["value"]) and self.strict:
             raise ReplayMismatchError(
-                f"replay diverged: result {name!r} is {_short(result['value'])} but the manifest recorded "
-                f"{_short(recorded['value'])}."
+                f"replay diverged: {self._environment_first()}result {name!r} is {_short(result['value'])} but the "
+                f"manifest recorded {_short(recorded['value'])}."
             )
 
     # -- the report -------------------------------------------------------------------------------

@@ -57,7 +57,9 @@ class DeterministicSampler(Sampler[int]):
     """Yield a permutation of ``range(dataset_size)`` that depends only on (seed, epoch).
 
     Iterating again without ``set_epoch`` moves on to the next epoch (a loop that forgets
-    ``set_epoch`` still reshuffles, deterministically); ``set_epoch(e)`` picks epoch `e`.
+    ``set_epoch`` still reshuffles, deterministically); ``set_epoch(e)`` picks epoch `e`. A sampler
+    resumed from a state saved after the last sample of an epoch, before the loop saw it end,
+    yields that epoch's (empty) rest first, then the next epoch.
     With `subset`, only those examples are yielded, in the order they have in the full epoch.
 
     >>> s = DeterministicSampler(5, seed=7)
@@ -108,6 +110,7 @@ class DeterministicSampler(Sampler[int]):
         self.position = 0
         self._started = False  # an iteration of `epoch` has begun since set_epoch/load
         self._exhausted = False  # an iteration of `epoch` ran to its end
+        self._resumed_at_end = False  # loaded at the end of `epoch` before its iteration was seen to end
 
     def __len__(self) -> int:
         return self.num_samples
@@ -145,6 +148,7 @@ class DeterministicSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         """Iterate epoch `epoch` next. Setting the epoch a resumed sampler stands in keeps its position."""
         epoch = _check_int("epoch", epoch, 0, 2**63 - 1)
+        self._resumed_at_end = False
         if epoch == self.epoch and not self._started:
             return
         self.epoch = epoch
@@ -158,6 +162,7 @@ class DeterministicSampler(Sampler[int]):
         if self._started:
             self.epoch += 1
             self.position = 0
+        self._resumed_at_end = False
         self._started = True
         self._exhausted = False
         start = self.position
@@ -217,3 +222,4 @@ class DeterministicSampler(Sampler[int]):
         self.position = state["position"]
         self._exhausted = state["exhausted"]
         self._started = self._exhausted
+        self._resumed_at_end = not self._exhausted and self.position >= self.num_samples

@@ -7,8 +7,10 @@ replayable. Constructing a session changes no global state; ``setup()`` does, on
 
 from __future__ import annotations
 
+import functools
 import logging
 import pathlib
+import warnings
 import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
@@ -23,7 +25,7 @@ from .data import STREAMS, SeededDataLoader
 from .streaming import SeededIterableLoader, check_iterable_args
 from .derive import DEFAULT_SCHEME, InstanceId, check_instance_id, check_master_seed, check_scheme
 from .determinism import DeterminismSettings, ViolationLog, apply_settings, environment
-from .errors import ReplayMismatchError, SeedregError, StateError
+from .errors import ReplayMismatchError, SeedregError, SeedregWarning, StateError
 from .fingerprint import fingerprint, result_entry
 from .manifest import Manifest, PathLike
 from .records import SeedRecord, record_from_dict, record_to_dict
@@ -58,6 +60,19 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
     return repr(value)
+
+
+def _check_loader_identity(loader_state: Any, i: int, version: int) -> None:
+    """Entry `i` of a state's loaders names a loader: an instance id (None, str or int) and, from
+    version 2 on, a use (an int >= 1)."""
+    if not isinstance(loader_state, Mapping) or "instance_id" not in loader_state:
+        raise StateError(f"`state['loaders'][{i}]` must be a loader state with an 'instance_id'.")
+    iid = loader_state["instance_id"]
+    if not (iid is None or type(iid) in (str, int)):
+        raise StateError(f"`state['loaders'][{i}]['instance_id']` must be None, a str or an int, got {iid!r:.40}.")
+    use = loader_state.get("use")
+    if version != 1 and (type(use) is not int or use < 1):
+        raise StateError(f"`state['loaders'][{i}]['use']` must be an int >= 1, got {use!r:.40}.")
 
 
 def _check_device(device: Any) -> torch.device:
@@ -139,6 +154,7 @@ class SeedSession:
         self._pending_rng: Optional[Tuple[Dict[str, Any], Dict[str, Any]]] = None
         self._replay: Optional[Replay] = None
         self._results: Dict[str, Dict[str, Any]] = {}
+        self._warned_setup = False
 
     def __repr__(self) -> str:
         return (
@@ -187,6 +203,21 @@ class SeedSession:
     def seed(self, purpose: str, instance_id: InstanceId = None) -> int:
         """The seed of (purpose, instance_id): derived once, memoized; every call is a recorded use."""
         return self._registry.get(purpose, instance_id, "seed")
+
+    def _check_set_up(self, builder: str) -> None:
+        """Warn (once a session) that a builder runs before setup(): its own draws are seeded, but
+        everything the run draws from the global generators (dropout, augmentation in the main
+        process, weight init outside build_model) and the deterministic kernels are not."""
+        if self._is_set_up or self._warned_setup:
+            return
+        self._warned_setup = True
+        warnings.warn(
+            f"SeedSession({self.master_seed}).{builder}() was called before setup(): the global generators (python, "
+            f"numpy, torch, CUDA) are not seeded and deterministic algorithms are off, so dropout and other draws outside "
+            f"seedreg's builders differ between runs. Call session.setup() first (SeedSession({self.master_seed}).setup()).",
+            SeedregWarning,
+            stacklevel=3,
+        )
 
     def _seed(self, purpose: str, instance_id: InstanceId, kind: str) -> int:
         return self._registry.get(purpose, instance_id, kind)
@@ -308,6 +339,7 @@ class SeedSession:
         if not callable(factory):
             raise TypeError(f"`factory` must be callable (a model class or a function), got {factory!r}.")
         instance_id = check_instance_id(instance_id)
+        self._check_set_up('build_model')
         seed, use = self._registry.use("model", instance_id, "model")
         with Fork(seed, python=True, numpy=True):
             model = factory(**kwargs)
@@ -329,6 +361,7 @@ class SeedSession:
         if not callable(optimizer_class):
             raise TypeError(f"`optimizer_class` must be an optimizer class such as torch.optim.SGD, got {optimizer_class!r}.")
         instance_id = check_instance_id(instance_id)
+        self._check_set_up('build_optimizer')
         seed, use = self._registry.use("optimizer", instance_id, "optimizer")
         with Fork(seed, python=True, numpy=True):
             optimizer = optimizer_class(params, **kwargs)
@@ -390,6 +423,7 @@ class SeedSession:
                 f"got {type(dataset).__name__}."
             )
         instance_id = check_instance_id(instance_id)
+        self._check_set_up('build_dataloader')
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"`batch_size` must be an int >= 1 or None, got {batch_size!r}.")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -541,7 +575,8 @@ class SeedSession:
                 f"world_size={session.world_size}; launch with the same number of ranks, or replay with strict=False."
             )
         expected = manifest.records_for_rank(session.rank) if manifest.world_size == session.world_size else manifest.records
-        session._replay = Replay(manifest, expected, strict=strict, legacy=manifest.read_version < 2)
+        session._replay = Replay(manifest, expected, strict=strict, legacy=manifest.read_version < 2,
+                                 environment=functools.partial(environment, session.world_size))
         session._registry.replay_against(session._replay)
         return session
 
@@ -646,6 +681,21 @@ class SeedSession:
 
     def _load_state(self, state: Mapping[str, Any]) -> None:
         """Validate `state` whole, then apply it."""
+        version, memo, rng = self._check_state(state)
+        self._load_loaders(self._match_loaders(state["loaders"], version))
+        self._registry.install(memo)
+        loaders = self._live_loaders()
+        if loaders:
+            self._pending_rng = (rng, state["rng"])
+            for loader in loaders:
+                loader._before_batch = self._apply_pending_rng
+        else:
+            restore_global(rng)
+
+    def _check_state(self, state: Any) -> Tuple[int, Any, Any]:
+        """Everything about `state` that can be checked before its loaders exist, changing nothing:
+        returns its version, the registry memo and the decoded generators. Each loader entry's
+        identity is checked here; its position when it is matched to a loader."""
         if not isinstance(state, Mapping):
             raise StateError(f"`state` must be a dict from SeedSession.state_dict(), got {type(state).__name__}.")
         version = state.get("version")
@@ -679,15 +729,12 @@ class SeedSession:
             except ReplayMismatchError as exc:
                 raise StateError(f"`state` does not belong to the run being replayed: {exc}") from None
         rng = decode_global(state["rng"])
-        self._load_loaders(self._match_loaders(state["loaders"], version))
-        self._registry.install(memo)
-        loaders = self._live_loaders()
-        if loaders:
-            self._pending_rng = (rng, state["rng"])
-            for loader in loaders:
-                loader._before_batch = self._apply_pending_rng
-        else:
-            restore_global(rng)
+        loaders = state["loaders"]
+        if not isinstance(loaders, list):
+            raise StateError(f"`state['loaders']` must be a list, got {type(loaders).__name__}.")
+        for i, loader_state in enumerate(loaders):
+            _check_loader_identity(loader_state, i, version)
+        return version, memo, rng
 
     @staticmethod
     def _load_loaders(pairs: List[Tuple[Any, Mapping[str, Any]]]) -> None:
@@ -714,17 +761,12 @@ class SeedSession:
         pairs = []
         seen: Dict[Any, int] = {}
         for i, loader_state in enumerate(states):
-            if not isinstance(loader_state, Mapping) or "instance_id" not in loader_state:
-                raise StateError(f"`state['loaders'][{i}]` must be a loader state with an 'instance_id'.")
+            _check_loader_identity(loader_state, i, version)
             iid = loader_state["instance_id"]
-            if not (iid is None or type(iid) in (str, int)):
-                raise StateError(f"`state['loaders'][{i}]['instance_id']` must be None, a str or an int, got {iid!r:.40}.")
             if version == 1:  # 0.1.0 listed loaders in build order, without their use
                 use = seen[(type(iid), iid)] = seen.get((type(iid), iid), 0) + 1
             else:
-                use = loader_state.get("use")
-                if type(use) is not int or use < 1:
-                    raise StateError(f"`state['loaders'][{i}]['use']` must be an int >= 1, got {use!r:.40}.")
+                use = loader_state["use"]
             loader = live.get((type(iid), iid, use))
             if loader is None:
                 raise StateError(

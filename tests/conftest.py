@@ -24,11 +24,14 @@ SCRIPTS = pathlib.Path(__file__).resolve().parent / "scripts"
 
 
 def child_env(**extra: str) -> Dict[str, str]:
-    """This process's environment for a child python: the repository first on PYTHONPATH (what was
-    there kept after it), no CUBLAS_WORKSPACE_CONFIG (each child decides its own)."""
+    """This process's environment for a child python: the repository first on PYTHONPATH (after
+    SEEDREG_TEST_SITE, the installed seedreg under test, if set; what was there kept after it), no
+    CUBLAS_WORKSPACE_CONFIG (each child decides its own)."""
     env = dict(os.environ)
     env.pop("CUBLAS_WORKSPACE_CONFIG", None)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    site = os.environ.get("SEEDREG_TEST_SITE")  # the installed wheel under test, before the checkout
+    site = os.path.abspath(site) if site else None
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, str(ROOT), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
 

@@ -92,7 +92,7 @@ def test_a_plain_module_trains_and_args_seed_does_not_reseed(tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    trainer = SeedregTrainer(model=model, args=_args(tmp_path, num_train_epochs=1, per_device_train_batch_size=4, seed=99,
+    trainer = SeedregTrainer(model=model, args=_args(tmp_path, num_train_epochs=1, per_device_train_batch_size=4, seed=5,
                                                        save_strategy="no"), train_dataset=_Pairs(), session=session)
     assert torch.equal(torch.rand(3), expected)  # Trainer.__init__'s set_seed(99) was undone
     trainer.train()
@@ -134,3 +134,68 @@ def test_a_checkpoint_without_a_whole_seedreg_state_is_refused(tmp_path, uninter
             state.mkdir()
     proc = run_python([SCRIPTS / "hf_train.py", tmp_path, "--resume", ckpt], check=False)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("field", ["seed", "data_seed"])
+def test_a_seed_in_the_training_arguments_that_would_be_ignored_is_refused(tmp_path, field):
+    """TrainingArguments(seed=43) gave the same weights as seed=42: an HF seed sweep trained one run
+    N times. A value other than the default or the master seed is refused, saying how to sweep."""
+    session = SeedSession(5)
+    with pytest.raises(SeedregError, match=rf"TrainingArguments\({field}=43\).*SeedSession\(seed\)"):
+        SeedregTrainer(model=_Loss(), args=_args(tmp_path, **{field: 43}), session=session)
+    SeedregTrainer(model=_Loss(), args=_args(tmp_path, **{field: 5}), session=session)  # the master seed itself is fine
+
+
+# -- a seedreg_state.json damaged or crafted ---------------------------------------------------------
+
+
+def _resume_from(tmp_path, change):
+    """A SeedregTrainer whose checkpoint holds this session's real state with `change` applied
+    to it; returns the trainer and what resuming raised (None if nothing)."""
+    from seedreg import StateError
+
+    session = SeedSession(5).setup()
+    trainer = SeedregTrainer(model=session.build_model(_Loss), args=_args(tmp_path, max_steps=2, per_device_train_batch_size=4),
+                             train_dataset=_Pairs(), session=session)
+    trainer.get_train_dataloader()
+    saved = {"format": "seedreg-transformers", "version": 1, "session": session.state_dict(), "results": []}
+    text = change(saved)
+    ckpt = tmp_path / "checkpoint-1"
+    ckpt.mkdir()
+    (ckpt / STATE_FILE).write_text(text if isinstance(text, str) else json.dumps(saved))
+    trainer._seedreg_checkpoint = str(ckpt)
+    try:
+        trainer._seedreg_resume()
+    except StateError as exc:
+        return trainer, exc
+    return trainer, None
+
+
+def _set(path, value):
+    def change(saved):
+        *parents, last = path
+        node = saved
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    return change
+
+
+@pytest.mark.parametrize("change,field", [
+    (_set(("session",), None), "['session']"),
+    (_set(("results",), 7), "['results'] must be a list"),
+    (_set(("results",), [{"name": "w", "kind": 5, "value": "x"}]), "['kind']"),
+    (_set(("session", "loaders", 0, "instance_id"), ["train"]), "['instance_id']` must be None, a str or an int"),
+    (lambda saved: '{"format": "seedreg-transformers", "version": 1, "session": ' + "[" * 100_000 + "]" * 100_000 + "}",
+     "nested too deeply"),
+], ids=["session-none", "results-int", "result-kind", "instance-id-list", "deep-nesting"])
+def test_a_crafted_state_file_is_refused_naming_the_field(tmp_path, change, field):
+    trainer, error = _resume_from(tmp_path, change)
+    assert error is not None and field in str(error) and STATE_FILE in str(error), error
+    assert trainer.session.results == [] and trainer._seedreg_train_loader.sampler.position == 0  # nothing applied
+
+
+def test_final_weights_in_a_state_file_are_never_adopted(tmp_path):
+    forged = [{"name": "final_weights", "kind": "state_dict", "value": "sha256:" + "0" * 64}]
+    trainer, error = _resume_from(tmp_path, _set(("results",), forged))
+    assert error is None and trainer.session.results == []

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from ..errors import SeedregError, StateError
+from ..manifest import _results
 from ..session import SeedSession
+
+#: Results the integrations record where a run ends: never carried over from a checkpoint (a run
+#: continued from the checkpoint of a finished fit records its own).
+RUN_END_RESULTS = frozenset({"final_weights"})
 
 
 def check_manifest_name(manifest: Optional[str]) -> Optional[str]:
@@ -25,3 +31,26 @@ def record_weights_once(session: SeedSession, name: str, model: Any) -> None:
     from) already did."""
     if name not in session._results:
         session.record_result(name, model.state_dict())
+
+
+def carried_state(session: SeedSession, saved: Any, where: str) -> Tuple[Mapping[str, Any], List[Dict[str, Any]]]:
+    """What a checkpoint carries for `session` (``{"session": state, "results": [...]}``),
+    validated whole before anything is applied: the state by :meth:`SeedSession.load_state_dict`'s
+    rules (its loader positions once the loaders exist), the results by the manifest's. Returns the
+    state and the results to adopt (those recorded where a run ends left out). Each failure is a
+    :class:`StateError` naming the field."""
+    if not isinstance(saved, Mapping):
+        raise StateError(f"{where} must be a dict with 'session' and 'results', got {type(saved).__name__}.")
+    for key in ("session", "results"):
+        if key not in saved:
+            raise StateError(f"{where} is missing {key!r}; the checkpoint is damaged or was not written by seedreg.")
+    try:
+        session._check_state(saved["session"])
+        results = list(_results(saved["results"], f"{where}['results']"))
+    except RecursionError:
+        raise StateError(f"{where} is nested too deeply to be a seedreg state; the checkpoint is damaged.") from None
+    except StateError as exc:
+        raise StateError(f"{where}['session']: {exc}") from None
+    except SeedregError as exc:
+        raise StateError(str(exc)) from None
+    return saved["session"], [r for r in results if r["name"] not in RUN_END_RESULTS]

@@ -20,8 +20,17 @@ What it does:
   training iterator at the first batch not taken (Lightning created it, before that hook, from the
   loaders as they were built), so a fit interrupted mid-epoch and resumed ends
   with the same weights, byte for byte, as one that was never interrupted;
+- a checkpoint saved after a fit that ``max_steps`` stopped mid-epoch (``trainer.save_checkpoint``)
+  is written as a mid-epoch one, so a longer fit continued from it equals one fit of that length;
+- it validates the checkpoint's seedreg state whole before anything is applied (a
+  :class:`~seedreg.StateError` naming the field otherwise), and never takes ``final_weights``
+  from it: the run records its own where it ends;
 - it records the initial and final weights as results (``initial_weights``, ``final_weights``)
-  and dumps the manifest into ``trainer.log_dir`` (or ``default_root_dir``) at the end of fit.
+  and dumps the manifest into ``trainer.log_dir`` (or ``default_root_dir``) at the end of fit,
+  and again at the end of ``validate``, ``test`` and ``predict``, so that the manifest covers
+  every stage the script ran and a replay of the script checks them all;
+- ``predict`` takes a session loader built in ``predict_dataloader()`` (Lightning re-creates it to
+  note each batch's indices; it keeps its order and per-example streams).
 
 With several processes, launch with ``torchrun`` (the session reads its rank and world size from
 the environment torchrun sets) and pass ``Trainer(strategy="ddp", use_distributed_sampler=False)``.
@@ -41,7 +50,7 @@ Exact resume holds for checkpoints taken at the end of a training batch or of an
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 try:
     import lightning.pytorch as pl
@@ -60,7 +69,7 @@ from ..data import SeededDataLoader
 from ..errors import SeedregError
 from ..session import SeedSession
 from ..streaming import SeededIterableLoader
-from ._common import check_manifest_name, check_session, record_weights_once
+from ._common import carried_state, check_manifest_name, check_session, record_weights_once
 
 __all__ = ["SeedregCallback"]
 
@@ -89,7 +98,7 @@ class SeedregCallback(pl.Callback):
         self.manifest = check_manifest_name(manifest)
         self.record_weights = record_weights
         self.manifest_path: Optional[pathlib.Path] = None
-        self._resume: Optional[Dict[str, Any]] = None
+        self._resume: Optional[Tuple[Mapping[str, Any], List[Dict[str, Any]]]] = None
 
     # -- checks ------------------------------------------------------------------------------------
 
@@ -139,7 +148,33 @@ class SeedregCallback(pl.Callback):
         state["sampler"] = sampler
         return state
 
+    @staticmethod
+    def _reopen_stopped_epoch(checkpoint: Dict[str, Any]) -> None:
+        """A fit that `max_steps` stopped mid-epoch marks that epoch complete, so a checkpoint saved
+        after it (``trainer.save_checkpoint``) would make a longer fit start the next epoch while the
+        loaders stand mid-epoch. Write the loop's progress as a checkpoint taken at that batch's end
+        (what ``ModelCheckpoint(every_n_train_steps=...)`` saves), which Lightning resumes mid-epoch."""
+        fit = checkpoint.get("loops", {}).get("fit_loop")
+        if not isinstance(fit, dict) or "epoch_progress" not in fit or "epoch_loop.batch_progress" not in fit:
+            return
+        epochs, batches = fit["epoch_progress"], fit["epoch_loop.batch_progress"]
+        done = batches["total"]["ready"]
+        if (batches.get("is_last_batch") or batches["current"]["ready"] == 0 or batches["total"]["completed"] != done
+                or epochs["current"]["completed"] != epochs["current"]["ready"]):
+            return  # saved inside the fit, or after a whole epoch: Lightning resumes it right
+        for progress in (epochs["total"], epochs["current"]):
+            progress["processed"] -= 1
+            progress["completed"] -= 1
+        for progress in (batches["total"], batches["current"]):
+            progress["completed"] -= 1
+        stepped = fit.get("epoch_loop.state_dict", {})
+        if "_batches_that_stepped" in stepped:
+            stepped["_batches_that_stepped"] -= 1
+        if isinstance(checkpoint.get("epoch"), int):
+            checkpoint["epoch"] = epochs["current"]["completed"]
+
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Dict[str, Any]) -> None:
+        self._reopen_stopped_epoch(checkpoint)
         state = self.session.state_dict()
         loaders = _train_loaders(trainer)
         train = self._seeded(loaders)
@@ -170,6 +205,8 @@ class SeedregCallback(pl.Callback):
                 "this checkpoint holds no seedreg state (it was saved without SeedregCallback, or by another version), so "
                 "the run cannot resume exactly; resume from a checkpoint saved with SeedregCallback, or start the fit afresh."
             )
+        if trainer.state.fn != "fit":
+            return  # validate/test/predict from a checkpoint: Lightning restores the weights, nothing is resumed
         ranks = saved.get("ranks")
         s = self.session
         if not isinstance(ranks, list) or len(ranks) != s.world_size or not isinstance(ranks[s.rank], dict):
@@ -178,8 +215,8 @@ class SeedregCallback(pl.Callback):
                 f"has {s.world_size}; resume with as many processes as the run that saved it."
             )
         mine = ranks[s.rank]
-        s._adopt_results(mine.get("results"))
-        self._resume = mine["session"]
+        # validated whole here, applied at on_train_start (once the loaders exist)
+        self._resume = carried_state(s, mine, f"checkpoint['seedreg']['ranks'][{s.rank}]")
         # Lightning restores its copy of the training loaders' states (rank 0's) before our hook:
         # hand it this rank's
         fit = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
@@ -196,10 +233,11 @@ class SeedregCallback(pl.Callback):
         self._seeded(_train_loaders(trainer))
         if self._resume is None:
             return
-        state, self._resume = self._resume, None
+        (state, results), self._resume = self._resume, None
         # the registry, every loader's position (the training loaders' as the loop took them) and
         # the global generators, which are put back right before the next batch is drawn
         self.session.load_state_dict(state)
+        self.session._adopt_results(results)
         # Lightning created the training iterator before this hook, from the loaders as they were
         # built: start it again at the first batch not taken
         fetcher = trainer.fit_loop._data_fetcher
@@ -209,6 +247,22 @@ class SeedregCallback(pl.Callback):
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self.record_weights:
             record_weights_once(self.session, "final_weights", pl_module)
+        self._dump(trainer)
+
+    # validate, test and predict after (or without) a fit: the manifest is written again at the end
+    # of each, so it covers every stage the script ran and a replay of the script checks them all
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.state.fn == "validate":  # not the validation inside a fit
+            self._dump(trainer)
+
+    def on_test_end(self, trainer: Any, pl_module: Any) -> None:
+        self._dump(trainer)
+
+    def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
+        self._dump(trainer)
+
+    def _dump(self, trainer: Any) -> None:
         if self.manifest is not None:
             directory = trainer.log_dir or trainer.default_root_dir
             self.manifest_path = self.session.dump(pathlib.Path(directory) / self.manifest)

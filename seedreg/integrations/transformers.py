@@ -15,10 +15,14 @@ What changes from ``transformers.Trainer``:
 - each checkpoint folder gets ``seedreg_state.json`` (the session's registry, global generators and
   loader positions) beside the Trainer's own files; on resume the training loader continues at the
   first batch not trained on (the Trainer's own batch skipping, which rebuilds the loader, is not
-  used) and the generators are restored before the next batch;
+  used) and the generators are restored before the next batch; the state is validated whole
+  (registry, generators, loader identities, results) before anything is applied, and the final
+  weights are recorded where the resumed run ends, never taken from the checkpoint;
 - ``set_seed(args.seed)``, which ``Trainer.__init__`` calls, does not override the session's
   seeding: the global generators are put back as they were before it. ``args.seed`` and
-  ``args.data_seed`` are not used; the session's master seed is;
+  ``args.data_seed`` are not used; the session's master seed is, and a value of either other
+  than its default or the master seed is refused (a sweep over ``args.seed`` would train one run
+  N times: sweep ``SeedSession(seed)``);
 - the initial and final weights are recorded as results, and the manifest is written to
   ``args.output_dir`` when ``train()`` ends.
 
@@ -54,7 +58,7 @@ from ..errors import ManifestError, SeedregError, StateError
 from ..manifest import atomic_write, read_regular_file
 from ..rng import capture_raw, restore_raw
 from ..session import SeedSession
-from ._common import check_manifest_name, check_session, record_weights_once
+from ._common import carried_state, check_manifest_name, check_session, record_weights_once
 
 __all__ = ["SeedregTrainer", "STATE_FILE"]
 
@@ -62,6 +66,20 @@ __all__ = ["SeedregTrainer", "STATE_FILE"]
 STATE_FILE = "seedreg_state.json"
 _FORMAT = "seedreg-transformers"
 _MAX_STATE_BYTES = 1 << 30  # a session state is a few KiB a loader and ~200 bytes a seed
+
+
+def _check_seeds(args: Any, session: SeedSession) -> None:
+    """`args.seed` and `args.data_seed` are not used (the session's master seed is): refuse values
+    that say otherwise, so that a sweep over them does not train N copies of one run."""
+    fields = type(args).__dataclass_fields__
+    for name in ("seed", "data_seed"):
+        value, default = getattr(args, name, None), fields[name].default if name in fields else None
+        if value != default and value != session.master_seed:
+            raise SeedregError(
+                f"TrainingArguments({name}={value!r}) would not change this run: SeedregTrainer seeds everything from the "
+                f"session's master seed ({session.master_seed}). Sweep seeds with SeedSession(seed) instead, and leave "
+                f"`{name}` at its default ({default!r}) or equal to the master seed."
+            )
 
 
 class SeedregTrainer(transformers.Trainer):
@@ -88,6 +106,7 @@ class SeedregTrainer(transformers.Trainer):
         generators = capture_raw()
         super().__init__(*args, **kwargs)
         restore_raw(generators)  # Trainer.__init__ reseeded python, numpy and torch with args.seed
+        _check_seeds(self.args, session)
         if self.args.ignore_data_skip:
             raise SeedregError(
                 "SeedregTrainer resumes its training loader at the first batch not trained on; ignore_data_skip=True would "
@@ -174,22 +193,25 @@ class SeedregTrainer(transformers.Trainer):
             saved = json.loads(read_regular_file(path, _MAX_STATE_BYTES))
         except ManifestError as exc:
             raise StateError(f"{path}: {exc}") from None
+        except RecursionError:
+            raise StateError(f"{path} is nested too deeply to be a seedreg state; the checkpoint is damaged.") from None
         except ValueError as exc:
             raise StateError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged.") from None
-        if not isinstance(saved, dict) or saved.get("format") != _FORMAT or saved.get("version") != 1 or "session" not in saved:
+        if not isinstance(saved, dict) or saved.get("format") != _FORMAT or saved.get("version") != 1:
             raise StateError(f"{path} is not a seedreg checkpoint state (format {_FORMAT!r}, version 1).")
-        state = saved["session"]
+        # validated whole before anything is applied
+        try:
+            state, results = carried_state(s, saved, STATE_FILE)
+        except StateError as exc:
+            raise StateError(f"{path}: {exc}") from None
         train = self._seedreg_train_loader
-        live = {(loader.instance_id, loader._use) for loader in s._live_loaders()}
-        loaders = state.get("loaders") if isinstance(state, dict) else None
-        if not isinstance(loaders, list):
-            raise StateError(f"{path} holds no list of loader states.")
+        live = {(type(loader.instance_id), loader.instance_id, loader._use) for loader in s._live_loaders()}
         # evaluation loaders are built afresh for each evaluation: only those this process holds are restored
-        kept = [ls for ls in loaders if isinstance(ls, dict) and (ls.get("instance_id"), ls.get("use")) in live]
+        kept = [ls for ls in state["loaders"] if (type(ls["instance_id"]), ls["instance_id"], ls.get("use")) in live]
         if train is not None and not any((ls["instance_id"], ls["use"]) == (train.instance_id, train._use) for ls in kept):
             raise StateError(f"{path} holds no position for the training loader; build the loaders as the run that saved it did.")
-        s._adopt_results(saved.get("results"))
         s.load_state_dict({**state, "loaders": kept})
+        s._adopt_results(results)
 
     def _load_rng_state(self, checkpoint: Optional[str]) -> None:
         # the session's state holds the generators (CUDA included) and the loaders' positions

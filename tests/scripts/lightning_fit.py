@@ -45,6 +45,20 @@ class Module(pl.LightningModule):
         x, y = batch
         self.log("val_loss", F.cross_entropy(self.net(x), y))
 
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", F.cross_entropy(self.net(x), y))
+
+    def predict_step(self, batch, batch_idx):
+        x, _ = batch
+        return self.net(F.dropout(x, 0.1, training=True))  # a draw from the global generator at prediction
+
+    def test_dataloader(self):
+        return self.session.build_dataloader(ToyImages(24), "test", batch_size=8)
+
+    def predict_dataloader(self):
+        return self.session.build_dataloader(ToyImages(20), "predict", batch_size=8)
+
     def configure_optimizers(self):
         return self.session.build_optimizer(torch.optim.SGD, self.parameters(), "opt", lr=0.05, momentum=0.9)
 
@@ -68,6 +82,10 @@ def main() -> None:
     parser = arguments()
     parser.add_argument("--ddp", action="store_true", help="under torchrun: DDP over gloo, one process per rank")
     parser.add_argument("--every", type=int, default=5, help="checkpoint every this many steps (0: each epoch)")
+    parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--max-epochs", type=int, default=3)
+    parser.add_argument("--save-at-end", help="trainer.save_checkpoint(PATH) after the fit")
+    parser.add_argument("--then", default="", help="stages run after the fit, comma-separated: validate,test,predict")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
@@ -82,10 +100,16 @@ def main() -> None:
         callbacks.append(KillAfter(args.kill_after))
     ddp = {"strategy": "ddp", "devices": session.world_size, "use_distributed_sampler": False} if args.ddp else {"devices": 1}
     trainer = pl.Trainer(
-        max_epochs=3, accelerator="cpu", **ddp, callbacks=callbacks, logger=CSVLogger(args.out / "logs", name="", version=""),
+        max_epochs=args.max_epochs, max_steps=args.max_steps, accelerator="cpu", **ddp, callbacks=callbacks, logger=CSVLogger(args.out / "logs", name="", version=""),
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1,
     )
     trainer.fit(model, ckpt_path=args.resume)
+    if args.save_at_end:
+        trainer.save_checkpoint(args.save_at_end)
+    for stage in filter(None, args.then.split(",")):
+        output = getattr(trainer, stage)(model)
+        if stage == "predict":
+            (args.out / "predictions.bin").write_bytes(b"".join(p.numpy().tobytes() for p in output))
     if torch.distributed.is_initialized():  # gloo can abort a process that exits with its group alive
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -1,0 +1,39 @@
+"""examples/lightning_train.py and examples/hf_train.py, run as a user would: a whole run, a run
+stopped early and continued in a new process, and a replay of the manifest."""
+
+import re
+
+import pytest
+
+from .conftest import ROOT, run_python
+
+pytestmark = pytest.mark.slow
+
+
+def _printed(out: str, name: str) -> str:
+    return re.search(rf"^{name}: (.+)$", out, re.MULTILINE).group(1)
+
+
+def test_lightning_example_continues_and_replays(tmp_path):
+    pytest.importorskip("lightning.pytorch")
+    script = ROOT / "examples" / "lightning_train.py"
+    whole = run_python([script, tmp_path / "whole"]).stdout
+    run_python([script, tmp_path / "run", "--max-steps", "10"])
+    continued = run_python([script, tmp_path / "run", "--resume", tmp_path / "run" / "last.ckpt"]).stdout
+    for name in ("steps", "final weights", "predictions"):
+        assert _printed(continued, name) == _printed(whole, name), name
+    replay = run_python([script, tmp_path / "replay", "--replay", _printed(whole, "manifest")]).stdout
+    assert _printed(replay, "verdict") == "bitwise" and _printed(replay, "final weights") == _printed(whole, "final weights")
+
+
+def test_hf_example_resumes_and_replays(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    script = ROOT / "examples" / "hf_train.py"
+    whole = run_python([script, tmp_path / "whole"]).stdout
+    stopped = run_python([script, tmp_path / "run", "--stop-at", "10"]).stdout
+    assert _printed(stopped, "steps") == "10"
+    resumed = run_python([script, tmp_path / "run", "--resume"]).stdout  # from checkpoint-8, its last
+    assert (_printed(resumed, "steps"), _printed(resumed, "final weights")) == (_printed(whole, "steps"), _printed(whole, "final weights"))
+    replay = run_python([script, tmp_path / "replay", "--replay", _printed(whole, "manifest")]).stdout
+    assert _printed(replay, "verdict") == "bitwise" and _printed(replay, "final weights") == _printed(whole, "final weights")
