@@ -374,7 +374,7 @@ def bench_checkpoints(t: Table, q: bool) -> None:
 
     def state_bytes(ckpt) -> int:
         st = ckpt.capture()
-        tensors = list(st["model"].values()) + [v for p in st["optimizer"]["state"].values() for v in p.values() if torch.is_tensor(v)]
+        tensors = list(st["model"].values()) + [v for o in st["optimizer"] for p in o["state"].values() for v in p.values() if torch.is_tensor(v)]
         return sum(x.numel() * x.element_size() for x in tensors) + len(json.dumps(st["session"]))
 
     _, _, loader, ckpt, step_fn = build("every")
@@ -391,6 +391,66 @@ def bench_checkpoints(t: Table, q: bool) -> None:
         kept = ckpt.peak_states
         t.add(f"states held, {schedule} schedule (every state: {every_states:,})", kept, None, f"<= {bound_text} = {bound:.0f}", kept <= bound,
               note=f"{kept} states, {kept * size / 1e6:.2f} MB (every state: {every_states * size / 1e6:.1f} MB) bytes")
+
+
+def bench_metagradient(t: Table, q: bool) -> None:
+    """magic.metagradient (sqrt schedule) against one plain training run of the same model and
+    loader with torch.optim: a small MLP with BatchNorm, and the demo CNN; states kept, peak memory."""
+    import math
+
+    import torch.nn.functional as F
+
+    from seedreg import magic
+
+    def mlp() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.BatchNorm1d(64), torch.nn.ReLU(), torch.nn.Dropout(0.1),
+                                   torch.nn.Linear(64, 4))
+
+    cases = (
+        ("small MLP", mlp, torch.utils.data.TensorDataset(torch.randn(400 if q else 2_000, 32), torch.randint(0, 4, (400 if q else 2_000,))),
+         torch.randn(8, 32), torch.randint(0, 4, (8,))),
+        ("demo CNN", TinyCNN, ToyImages(64 if q else 512), *next(iter(DataLoader(ToyImages(8, augment=False), batch_size=8)))),
+    )
+    epochs = 1 if q else 3
+    for name, factory, data, x_test, y_test in cases:
+        def parts():
+            s = SeedSession(3).setup()
+            return s.build_model(factory, "m"), s.build_dataloader(data, "d", batch_size=32, shuffle=True)
+
+        def plain() -> float:
+            model, loader = parts()
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            start = time.perf_counter()
+            for epoch in range(epochs):
+                loader.set_epoch(epoch)
+                for x, y in loader:
+                    opt.zero_grad()
+                    F.cross_entropy(model(x), y).backward()
+                    opt.step()
+            return time.perf_counter() - start
+
+        def meta():
+            model, loader = parts()
+            start = time.perf_counter()
+            result = magic.metagradient(model, loader, magic.SGD(0.05, momentum=0.9), epochs=epochs,
+                                        loss=lambda out, y: F.cross_entropy(out, y, reduction="none"),
+                                        target=lambda f: F.cross_entropy(f(x_test), y_test))
+            return time.perf_counter() - start, result
+
+        plain()  # warm up
+        base = statistics.median(plain() for _ in range(1 if q else 3))
+        runs = [meta() for _ in range(1 if q else 3)]
+        ours = statistics.median(r[0] for r in runs)
+        stats = runs[0][1].stats
+        t.add(f"metagradient, sqrt schedule, {name} ({stats['steps']} steps) vs one training run", ours, base, "<= 3x (paper)",
+              ours / base <= 3.0)
+        model = runs[0][1].model
+        size = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+        size += sum(p.numel() * p.element_size() for p in model.parameters())  # the momentum buffers
+        kept = stats["states_kept"]
+        t.add(f"metagradient, {name}: training states held at once (of {stats['steps'] + 1})", kept, None,
+              f"<= 2*sqrt(T) = {2 * math.ceil(math.sqrt(stats['steps'])):.0f}", kept <= 2 * math.ceil(math.sqrt(stats["steps"])),
+              note=f"{kept} states x {size / 1e3:.1f} kB = {kept * size / 1e6:.2f} MB bytes")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -418,6 +478,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         bench_memory(t, args.quick)
         bench_study(t, args.quick, tmp)
         bench_checkpoints(t, args.quick)
+        bench_metagradient(t, args.quick)
         bench_epoch(t, args.quick)
     print()
     print(t.markdown())

@@ -6,7 +6,7 @@
     python examples/hf_train.py runs/replay --replay runs/hf/seedreg-manifest.json
 
 A one-layer BERT built from a config (nothing downloaded) classifies random token sequences whose
-tokens are masked at random in ``__getitem__``. Each run prints the final weights' fingerprint; a
+tokens are masked at random in ``__getitem__`` (``seedreg.demo.ToyTokens``). Each run prints the final weights' fingerprint; a
 resumed run prints the one the uninterrupted run printed, and a replay prints its verdict. To sweep
 seeds, change ``SeedSession(seed)``: ``TrainingArguments(seed=...)`` is not used (and refused).
 """
@@ -14,30 +14,15 @@ seeds, change ``SeedSession(seed)``: ``TrainingArguments(seed=...)`` is not used
 import argparse
 import pathlib
 
-import numpy as np
 import torch
 import transformers
 from transformers import BertConfig, BertForSequenceClassification, TrainerCallback, TrainingArguments
 
 from seedreg import SeedSession, fingerprint
+from seedreg.demo import ToyTokens
 from seedreg.integrations.transformers import SeedregTrainer
 
 transformers.logging.set_verbosity_error()
-
-
-class MaskedTokens(torch.utils.data.Dataset):
-    def __init__(self, n: int) -> None:
-        rng = np.random.default_rng(7)
-        self.ids = rng.integers(5, 60, size=(n, 16))
-        self.labels = (self.ids[:, 0] > 32).astype(np.int64)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int):
-        ids = torch.from_numpy(self.ids[i].copy())
-        ids[torch.rand(16) < 0.15] = 4  # random masking from torch's global generator: seeded per example
-        return {"input_ids": ids, "attention_mask": torch.ones(16, dtype=torch.long), "labels": torch.tensor(self.labels[i])}
 
 
 class StopAt(TrainerCallback):
@@ -69,7 +54,7 @@ def main() -> None:
         learning_rate=1e-3, save_strategy="steps", save_steps=4, eval_strategy="epoch", logging_strategy="no",
         report_to="none", use_cpu=True, disable_tqdm=True,
     )
-    trainer = SeedregTrainer(model=model, args=training, train_dataset=MaskedTokens(96), eval_dataset=MaskedTokens(32),
+    trainer = SeedregTrainer(model=model, args=training, train_dataset=ToyTokens(96), eval_dataset=ToyTokens(32),
                              session=session, callbacks=[StopAt(args.stop_at)] if args.stop_at else [])
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     print(f"steps: {trainer.state.global_step}")

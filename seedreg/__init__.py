@@ -40,7 +40,16 @@ _WHERE = {
 }
 
 
+_SUBMODULES = ("magic",)  # public modules, imported when first used: seedreg.magic.metagradient
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        import importlib
+
+        module_object = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module_object
+        return module_object
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'seedreg' has no attribute {name!r}")
@@ -52,7 +61,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list:
-    return sorted(set(globals()) | set(_WHERE))
+    return sorted(set(globals()) | set(_WHERE) | set(_SUBMODULES))
 
 
 __all__ = [
@@ -80,5 +89,6 @@ __all__ = [
     "derive_seed",
     "fingerprint",
     "lds_score",
+    "magic",
     "make_subset_mask",
 ]

@@ -11,27 +11,40 @@ step from the nearest checkpoint.
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
 import json
 import math
 import os
 import pathlib
+import re
+import secrets
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import rng
+from .errors import ManifestError, StateError
+from .manifest import atomic_write, read_regular_file
 from .masks import MASK_MODES, check_mask_args, make_subset_mask, mask_digest
 
 __all__ = ["make_subset_mask", "mask_digest", "StepCheckpoints", "MASK_MODES", "check_mask_args"]
 
 SCHEDULES = ("uniform", "sqrt", "log")
+_STORE_FORMAT = "seedreg-step-checkpoints"
+_STORE_FILE = "seedreg-store.json"  # the run a store belongs to
+_STATE_FILE = re.compile(r"step-\d+\.(pt|json)")
+_MAX_STATE_JSON = 1 << 30
+_MAX_STATE_TENSORS = 1 << 40
 
 
 class StepCheckpoints:
     """MAGIC-style exact replay of a training run: checkpoints of the whole training state, any
     step replayed, any state before a step restored, every step visited backwards.
 
-    A state is the model's state dict (parameters, buffers), the optimizer's, each of `extra`
+    A state is the model's state dict (parameters, buffers) and the ``.grad`` of each parameter
+    (a loop that accumulates gradients over steps replays exactly), the optimizer's state (or each
+    optimizer's, given a list), each of `extra`
     (objects with ``state_dict``/``load_state_dict`` such as LR schedulers, GradScaler or EMA, or a
     ``(get, set)`` pair of callables for functional optimizer state), and the session's random
     state and loader positions. The training loop calls ``maybe_save(step)`` with the number of
@@ -45,7 +58,10 @@ class StepCheckpoints:
       state and reverses by recursive bisection (at most ``log2(steps) + 2`` states at a time, about
       ``log2(steps)`` forward passes).
     - `store`: None keeps states in memory; a directory keeps them on disk (tensors with
-      ``torch.save``, read back with ``weights_only=True``; the session's state as JSON).
+      ``torch.save``, read back with ``weights_only=True``; the session's state as JSON). A store
+      belongs to one run: it is claimed at creation (``seedreg-store.json``), another run's store
+      is refused unless ``overwrite=True``, and every state file names its run and step and the
+      digest of its tensors, checked before anything is restored (a ``StateError`` otherwise).
 
     >>> import torch
     >>> from seedreg import SeedSession
@@ -79,6 +95,7 @@ class StepCheckpoints:
         steps: Optional[int] = None,
         extra: Sequence[Any] = (),
         store: Union[None, str, "os.PathLike[str]"] = None,
+        overwrite: bool = False,
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"`schedule` must be one of {list(SCHEDULES)}, got {schedule!r}.")
@@ -101,14 +118,25 @@ class StepCheckpoints:
                     f"`extra[{i}]` ({type(e).__name__}) has no state_dict/load_state_dict; pass such an object (an LR "
                     f"scheduler, GradScaler, EMA) or a (get_state, set_state) pair of callables."
                 )
+        optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [] if optimizer is None else [optimizer]
+        for i, opt in enumerate(optimizers):
+            if not (hasattr(opt, "state_dict") and hasattr(opt, "load_state_dict")):
+                where = "`optimizer`" if not isinstance(optimizer, (list, tuple)) else f"`optimizer[{i}]`"
+                raise TypeError(f"{where} ({type(opt).__name__}) has no state_dict/load_state_dict; pass a torch.optim "
+                                f"optimizer, a list of them, or None.")
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"`overwrite` must be a bool, got {overwrite!r}.")
         self.store = None if store is None else pathlib.Path(store)
+        self.run_id = secrets.token_hex(16)  # this run's identity, written into the store and every state file
         if self.store is not None:
             if self.store.exists() and not self.store.is_dir():
                 raise ValueError(f"`store` {str(self.store)!r} is a file; give a directory for checkpoints (or None for memory).")
             self.store.mkdir(parents=True, exist_ok=True)
+            self._claim_store(overwrite)
         self.session = session
         self.model = model
         self.optimizer = optimizer
+        self._optimizers = optimizers
         self.loader = loader
         self.schedule = schedule
         self.every = every
@@ -135,7 +163,9 @@ class StepCheckpoints:
     def _capture_training(self) -> Dict[str, Any]:
         return {
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-            "optimizer": None if self.optimizer is None else copy.deepcopy(self.optimizer.state_dict()),
+            # gradients a loop accumulates across steps are part of the state (None: no gradient)
+            "grads": [None if p.grad is None else p.grad.detach().clone() for p in self.model.parameters()],
+            "optimizer": [copy.deepcopy(opt.state_dict()) for opt in self._optimizers],
             "extra": [copy.deepcopy(e[0]() if isinstance(e, tuple) else e.state_dict()) for e in self.extra],
         }
 
@@ -148,21 +178,46 @@ class StepCheckpoints:
         keep = (lambda x: x) if last_use else copy.deepcopy
         with torch.no_grad():
             self.model.load_state_dict(state["model"])
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(keep(state["optimizer"]))
+        for p, grad in zip(self.model.parameters(), state["grads"]):
+            p.grad = None if grad is None else (grad if last_use else grad.clone())
+        for opt, opt_state in zip(self._optimizers, state["optimizer"]):
+            opt.load_state_dict(keep(opt_state))
         for e, st in zip(self.extra, state["extra"]):
             if isinstance(e, tuple):
                 e[1](keep(st))
             else:
                 e.load_state_dict(keep(st))
 
+    def _claim_store(self, overwrite: bool) -> None:
+        """Make the store this run's: a store belongs to one run (an lr sweep given one directory
+        would otherwise replay one run from another's states). Another run's store is refused
+        unless `overwrite`, which removes its state files first."""
+        assert self.store is not None
+        owner = self.store / _STORE_FILE
+        theirs = [p for p in self.store.iterdir() if _STATE_FILE.fullmatch(p.name)]
+        if owner.exists() or theirs:
+            if not overwrite:
+                raise StateError(
+                    f"`store` {str(self.store)!r} holds the checkpoints of another run ({_STORE_FILE} or step files); a store "
+                    f"belongs to one run. Give each run its own directory, or pass overwrite=True to replace that run's states."
+                )
+            for path in theirs:
+                path.unlink()
+        atomic_write(owner, json.dumps({"format": _STORE_FORMAT, "run": self.run_id}).encode())
+
     def _put(self, step: int, state: Dict[str, Any]) -> None:
         if self.store is None:
             self.saved[step] = state
         else:
-            tensors = {k: state[k] for k in ("model", "optimizer", "extra")}
-            torch.save(tensors, self.store / f"step-{step}.pt")
-            (self.store / f"step-{step}.json").write_text(json.dumps(state["session"]))
+            tensors = {k: state[k] for k in ("model", "grads", "optimizer", "extra")}
+            buffer = io.BytesIO()
+            torch.save(tensors, buffer)
+            blob = buffer.getvalue()
+            atomic_write(self.store / f"step-{step}.pt", blob)
+            # the JSON half names its run and step and the digest of the tensors' file: checked at every read
+            meta = {"format": _STORE_FORMAT, "run": self.run_id, "step": step,
+                    "tensors": "sha256:" + hashlib.sha256(blob).hexdigest(), "session": state["session"]}
+            atomic_write(self.store / f"step-{step}.json", json.dumps(meta).encode())
             self.saved[step] = None
         self.peak_states = max(self.peak_states, len(self.saved))
 
@@ -170,8 +225,40 @@ class StepCheckpoints:
         state = self.saved[step]
         if state is not None:
             return state
-        tensors = torch.load(self.store / f"step-{step}.pt", weights_only=True)  # type: ignore[operator]
-        return {**tensors, "session": json.loads((self.store / f"step-{step}.json").read_text())}  # type: ignore[operator]
+        return self._read(step)
+
+    def _read(self, step: int) -> Dict[str, Any]:
+        """State `step` from the store, whole and checked before anything is restored: a missing,
+        damaged, swapped or foreign file is a StateError naming the file and the step."""
+        assert self.store is not None
+        json_path, pt_path = self.store / f"step-{step}.json", self.store / f"step-{step}.pt"
+
+        def refuse(path: pathlib.Path, why: str) -> StateError:
+            return StateError(f"{path} (the state of step {step}) {why}; the store is damaged or was changed since this run wrote it.")
+
+        try:
+            meta = json.loads(read_regular_file(json_path, _MAX_STATE_JSON))
+        except (ManifestError, ValueError, RecursionError) as exc:
+            raise refuse(json_path, f"cannot be read: {str(exc).rstrip('.')}") from None
+        if not isinstance(meta, dict) or meta.get("format") != _STORE_FORMAT or set(meta) != {"format", "run", "step", "tensors", "session"}:
+            raise refuse(json_path, f"is not a seedreg checkpoint state ({_STORE_FORMAT!r})")
+        if meta["run"] != self.run_id:
+            raise refuse(json_path, "belongs to another run")
+        if meta["step"] != step or type(meta["step"]) is not int:
+            raise refuse(json_path, f"holds the state of step {meta['step']!r:.20}")
+        try:
+            blob = read_regular_file(pt_path, _MAX_STATE_TENSORS)
+        except ManifestError as exc:
+            raise refuse(pt_path, f"cannot be read: {str(exc).rstrip('.')}") from None
+        if "sha256:" + hashlib.sha256(blob).hexdigest() != meta["tensors"]:
+            raise refuse(pt_path, "does not match the digest its step recorded")
+        try:
+            tensors = torch.load(io.BytesIO(blob), weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - whatever torch says of a file whose digest matched
+            raise refuse(pt_path, f"cannot be loaded ({type(exc).__name__})") from None
+        if not isinstance(tensors, dict) or set(tensors) != {"model", "grads", "optimizer", "extra"}:
+            raise refuse(pt_path, "does not hold a training state")
+        return {**tensors, "session": meta["session"]}
 
     def maybe_save(self, step: int) -> bool:
         """Record that `step` steps are done; keep the state if the schedule asks. Returns whether it did."""

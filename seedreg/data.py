@@ -263,6 +263,7 @@ class SeededDataLoader(DataLoader):
     _subset_weights: Optional[torch.Tensor] = None
     _example_weights: Optional[torch.Tensor] = None
     _batch_recorder: Any = None  # a framework's batch sampler that notes each batch's indices
+    _session: Any = None  # the session that built it (which holds its loaders weakly: no cycle)
 
     def __init__(
         self,

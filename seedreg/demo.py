@@ -22,7 +22,7 @@ from .fingerprint import fingerprint
 from .manifest import Manifest
 from .session import SeedSession
 
-__all__ = ["ToyImages", "TinyCNN", "train_toy", "run_demo"]
+__all__ = ["ToyImages", "ToyTokens", "TinyCNN", "train_toy", "run_demo"]
 
 
 class ToyImages(torch.utils.data.Dataset):
@@ -51,6 +51,26 @@ class ToyImages(torch.utils.data.Dataset):
             shift = int(torch.randint(-1, 2, ()).item())
             x = x.roll(shift, dims=-2)
         return x, int(self.labels[i])
+
+
+class ToyTokens(torch.utils.data.Dataset):
+    """`n` sequences of 16 token ids (5..59) with a label from the first token, generated from a
+    fixed seed; ``__getitem__`` masks 15% of the tokens at random (id 4) from torch's global
+    generator, and returns what a Hugging Face model takes (``input_ids``, ``attention_mask``,
+    ``labels``)."""
+
+    def __init__(self, n: int) -> None:
+        rng = np.random.default_rng(7)
+        self.ids = rng.integers(5, 60, size=(n, 16))
+        self.labels = (self.ids[:, 0] > 32).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        ids = torch.from_numpy(self.ids[i].copy())
+        ids[torch.rand(16) < 0.15] = 4
+        return {"input_ids": ids, "attention_mask": torch.ones(16, dtype=torch.long), "labels": torch.tensor(self.labels[i])}
 
 
 class TinyCNN(torch.nn.Module):

@@ -112,6 +112,55 @@ def _results(data: Any, where: str) -> Tuple[Dict[str, Any], ...]:
     return tuple(out)
 
 
+_VERDICTS = ("bitwise", "diverged", "statistical")
+_REPLAY_LISTS = {"missing": dict, "new": dict, "mismatches": dict, "environment": dict, "reasons": str}
+_REPLAY_RESULTS = {"matched": str, "mismatched": dict, "missing": str, "new": str}
+
+
+def _check_replay(replay: Any) -> None:
+    """The replay section as ``SeedSession.replay_report()`` writes it: its keys, the verdict, and
+    the type of every list's items (so that ``seedreg show`` and readers can trust its shape)."""
+    where = "manifest['replay']"
+    if not isinstance(replay, Mapping):
+        raise ManifestError(f"{where} must be an object or null.")
+    check_json(replay, where)
+    known = {"master_seed", "scheme", "verdict", "results", *_REPLAY_LISTS}
+    if not set(replay) <= known or not {"verdict", "results", "reasons"} <= set(replay):
+        raise ManifestError(f"{where} must be a replay report with the keys {sorted(known)} (verdict, results and reasons at least).")
+    if replay["verdict"] not in _VERDICTS:
+        raise ManifestError(f"{where}['verdict'] must be one of {list(_VERDICTS)}, got {replay['verdict']!r:.60}.")
+    for key, kind in _REPLAY_LISTS.items():
+        value = replay.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
+            raise ManifestError(f"{where}[{key!r}] must be a list of {kind.__name__}s.")
+    results = replay["results"]
+    if not isinstance(results, Mapping) or set(results) != set(_REPLAY_RESULTS):
+        raise ManifestError(f"{where}['results'] must be an object with the keys {sorted(_REPLAY_RESULTS)}.")
+    for key, kind in _REPLAY_RESULTS.items():
+        if not isinstance(results[key], list) or not all(isinstance(v, kind) for v in results[key]):
+            raise ManifestError(f"{where}['results'][{key!r}] must be a list of {kind.__name__}s.")
+
+
+#: Parsed JSON costs far more memory than its text when the text is mostly tiny containers
+#: (``[[],[],...]``: about 27 bytes a byte). seedreg's own layout stays well under this multiple.
+_MAX_PARSE_MULTIPLE = 16
+_DENSITY_CHECKED = 1 << 20
+
+
+def _check_density(text: str, where: str) -> None:
+    """Refuse, before parsing, text whose parse would take more than _MAX_PARSE_MULTIPLE times its
+    size (an estimate from its brackets, braces, quotes and commas): memory stays a small multiple
+    of the file whatever its layout."""
+    if len(text) < _DENSITY_CHECKED:
+        return
+    estimate = 72 * text.count("[") + 240 * text.count("{") + 25 * text.count('"') + 8 * text.count(",")
+    if estimate > _MAX_PARSE_MULTIPLE * len(text):
+        raise ManifestError(
+            f"{where} is laid out as no seedreg manifest is ({len(text):,} characters of mostly tiny JSON values, "
+            f"which would take about {estimate // len(text)} times their size to parse); it was not written by seedreg."
+        )
+
+
 def _refuse_constant(name: str) -> None:
     raise ManifestError(f"manifest holds {name}, which JSON does not allow.")
 
@@ -158,6 +207,7 @@ def _record_lines(body: str, start: int, end: int, chunk: int = 2048) -> Any:
                 stop = end
                 break
         text = body[pos:stop]
+        _check_density(text, "manifest['records']")
         if stop < end:
             if not text.endswith(","):
                 raise ManifestError("manifest records are not one per line with commas between.")
@@ -305,9 +355,7 @@ class Manifest:
             raise ManifestError(f"manifest lists {len(ranks)} ranks but world_size is {world}.")
         replay = data["replay"]
         if replay is not None:
-            if not isinstance(replay, Mapping):
-                raise ManifestError("manifest['replay'] must be an object or null.")
-            check_json(replay, "manifest['replay']")
+            _check_replay(replay)
         return cls(
             master_seed=master,
             scheme=scheme,
@@ -361,6 +409,7 @@ class Manifest:
         del data
         rest, lines = _split_records(body)
         try:
+            _check_density(rest, "manifest")
             parsed = _loads(rest)
             records = None
             if lines is not None:
@@ -396,6 +445,8 @@ class Manifest:
             return cls.from_json(data)
         except ManifestError as exc:
             raise ManifestError(f"{path}: {exc}") from None
+        except MemoryError:
+            raise ManifestError(f"{path}: {len(data):,} bytes could not be loaded in the memory this process may use.") from None
 
     def write(self, path: PathLike) -> pathlib.Path:
         """Write atomically: a temporary file beside `path`, fsync, rename. Returns the path."""

@@ -275,7 +275,7 @@ def decode_global(state: object) -> Dict[str, Any]:
     cuda_states = {}
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for dev, text in cuda.items():
-        if not (isinstance(dev, str) and dev.isdigit() and len(dev) <= 4):
+        if not (isinstance(dev, str) and dev.isascii() and dev.isdigit() and len(dev) <= 4 and dev == str(int(dev))):
             raise StateError(f"rng state['cuda'] keys must be device indices, got {dev!r:.40}.")
         if int(dev) >= visible:
             raise StateError(

@@ -7,9 +7,11 @@ replayable. Constructing a session changes no global state; ``setup()`` does, on
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import pathlib
+import threading
 import warnings
 import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
@@ -150,6 +152,7 @@ class SeedSession:
         self._is_set_up = False
         # Held weakly: a loader the program dropped is freed and leaves state_dict().
         self._loaders: "weakref.WeakValueDictionary[int, SeededDataLoader]" = weakref.WeakValueDictionary()
+        self._loaders_lock = threading.Lock()  # a thread building a loader while another takes state_dict()
         self._loaders_built = 0
         self._pending_rng: Optional[Tuple[Dict[str, Any], Dict[str, Any]]] = None
         self._replay: Optional[Replay] = None
@@ -167,12 +170,14 @@ class SeedSession:
         # neither the loaders nor the violation log of this process.
         state = dict(self.__dict__)
         state["_loaders"] = None
+        state["_loaders_lock"] = None
         state["_violations"] = None
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._loaders = weakref.WeakValueDictionary()
+        self._loaders_lock = threading.Lock()
         self._violations = ViolationLog()
 
     # -- global setup ------------------------------------------------------------------------------
@@ -503,8 +508,10 @@ class SeedSession:
 
     def _register(self, loader: Any) -> Any:
         """Hold `loader` weakly, so that state_dict() and a pending resume reach it while the program does."""
-        self._loaders[self._loaders_built] = loader
-        self._loaders_built += 1
+        with self._loaders_lock:
+            self._loaders[self._loaders_built] = loader
+            self._loaders_built += 1
+        loader.__dict__["_session"] = self  # for tools that take a loader and need its session (magic.metagradient)
         if self._pending_rng is not None:
             loader._before_batch = self._apply_pending_rng
         return loader
@@ -639,7 +646,7 @@ class SeedSession:
         """The whole random state of this rank, JSON-native: the registry (every key and its uses),
         the global generators (python, numpy, torch CPU, CUDA devices in use) and the position of
         each loader the program still holds (by instance id and use)."""
-        rng = self._pending_rng[1] if self._pending_rng is not None else capture_global()
+        rng = copy.deepcopy(self._pending_rng[1]) if self._pending_rng is not None else capture_global()
         return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
@@ -664,7 +671,7 @@ class SeedSession:
 
     def _rewind_state(self) -> Dict[str, Any]:
         """The random state and loader positions alone (JSON-native), for an in-process rewind."""
-        rng = self._pending_rng[1] if self._pending_rng is not None else capture_global()
+        rng = copy.deepcopy(self._pending_rng[1]) if self._pending_rng is not None else capture_global()
         return {"rng": rng, "loaders": [loader.state_dict() for loader in self._live_loaders()]}
 
     def _rewind(self, state: Mapping[str, Any]) -> None:
@@ -686,7 +693,7 @@ class SeedSession:
         self._registry.install(memo)
         loaders = self._live_loaders()
         if loaders:
-            self._pending_rng = (rng, state["rng"])
+            self._pending_rng = (rng, copy.deepcopy(state["rng"]))  # the caller's dict stays the caller's
             for loader in loaders:
                 loader._before_batch = self._apply_pending_rng
         else:
@@ -749,7 +756,8 @@ class SeedSession:
             raise
 
     def _live_loaders(self) -> List[SeededDataLoader]:
-        return list(self._loaders.values())
+        with self._loaders_lock:
+            return list(self._loaders.values())
 
     def _match_loaders(self, states: Any, version: int) -> List[Tuple[SeededDataLoader, Mapping[str, Any]]]:
         """Pair each loader state with the live loader of the same (instance id, use)."""

@@ -36,7 +36,10 @@ from .rng import seed_numpy_global
 __all__ = ["SeededIterableLoader"]
 
 _ITEM_STREAM = 0x5EED_0005
-_CONTROL_BYTES = 1 << 20  # the epoch and resume plan, shared with (persistent) workers
+_CONTROL_BYTES = 1 << 20  # the epoch and resume plan, shared with (persistent) workers; grows when needed
+#: The most items a resume re-draws and discards to fast-forward a dataset without state_dict: a
+#: state claiming more is refused (an endless stream would otherwise be drawn without end).
+MAX_FAST_FORWARD = 10**8
 _SEED_MASK = (1 << 63) - 1
 _default_generator = torch.default_generator
 
@@ -83,13 +86,22 @@ class _Stream(IterableDataset):
         self.plan: Dict[str, Any] = {"epoch": 0, "resume": {}}
         self.last: Tuple[int, int, int, Any] = (0, 0, 0, None)  # (worker, count, position, state) after the last item
 
-    def set_plan(self, plan: Dict[str, Any]) -> None:
+    def set_plan(self, plan: Dict[str, Any], *, can_grow: bool = True) -> None:
+        """Hand the epoch and resume plan to the workers. The shared buffer grows to hold any plan
+        while workers are still to be started (always, but for persistent workers already running)."""
         self.plan = plan
         if self.control is not None:
             data = json.dumps(plan).encode()
-            if len(data) + 4 > _CONTROL_BYTES:
-                raise StateError(f"the resume plan ({len(data)} bytes of dataset states) exceeds {_CONTROL_BYTES} bytes.")
-            self.control[: len(data) + 4] = struct.pack("<I", len(data)) + data
+            need = len(data) + 4
+            if need > len(self.control):
+                if not can_grow:
+                    raise StateError(
+                        f"the resume plan ({len(data)} bytes of dataset states) does not fit the {len(self.control)} bytes "
+                        f"shared with this loader's running persistent workers; load the state into a loader before its "
+                        f"first iteration (as a resumed run does), or build it with persistent_workers=False."
+                    )
+                self.control = multiprocessing.Array("c", max(need, 2 * len(self.control)), lock=False)
+            self.control[:need] = struct.pack("<I", len(data)) + data
 
     def _read_plan(self) -> Dict[str, Any]:
         if self.control is None or get_worker_info() is None:
@@ -261,7 +273,8 @@ class SeededIterableLoader(DataLoader):
         self._consumed = {k: dict(v) for k, v in resume.items()}
         self._last_worker, self._pending_last = self._pending_last, -1
         rotation = (self._last_worker + 1) % self.num_workers if self.num_workers else 0
-        self.dataset.set_plan({"epoch": self._epoch, "resume": resume, "rotation": rotation})
+        running = self.persistent_workers and getattr(self, "_iterator", None) is not None
+        self.dataset.set_plan({"epoch": self._epoch, "resume": resume, "rotation": rotation}, can_grow=not running)
         return _Consumed(self, super().__iter__())
 
     def state_dict(self) -> Dict[str, Any]:
@@ -299,12 +312,26 @@ class SeededIterableLoader(DataLoader):
         if state.get("resume_mode") != self.resume_mode:
             raise StateError(f"loader state was taken in resume mode {state.get('resume_mode')!r}, this dataset resumes by {self.resume_mode!r}.")
         workers = state.get("workers")
-        if not isinstance(workers, Mapping) or not all(isinstance(k, str) and k.isdigit() and int(k) < max(1, self.num_workers) for k in workers):
-            raise StateError(f"loader state['workers'] must map worker ids in [0, {max(1, self.num_workers) - 1}] to their positions.")
+        ids = {str(i) for i in range(max(1, self.num_workers))}  # canonical: "1", never "01" or "١"
+        if not isinstance(workers, Mapping) or not all(isinstance(k, str) and k in ids for k in workers):
+            raise StateError(
+                f"loader state['workers'] must map worker ids ({', '.join(sorted(ids, key=int))}, written as by "
+                f"state_dict()) to their positions."
+            )
+        bound = MAX_FAST_FORWARD if self.resume_mode == "fast_forward" else 2**63 - 1
         checked = {}
         for k, w in workers.items():
             if not isinstance(w, Mapping) or any(type(w.get(n)) is not int or not 0 <= w[n] < 2**63 for n in ("count", "position")):
                 raise StateError(f"loader state['workers'][{k!r}] must hold ints 'count' and 'position' in [0, 2**63).")
+            if w["count"] > w["position"]:
+                raise StateError(f"loader state['workers'][{k!r}] took {w['count']} items of the {w['position']} it drew; "
+                                 f"a worker takes at most what it draws.")
+            if w["position"] > bound:
+                raise StateError(
+                    f"loader state['workers'][{k!r}] stands at item {w['position']}, past the {bound:,} items a resume "
+                    f"re-draws to fast-forward (seedreg.streaming.MAX_FAST_FORWARD); give the dataset state_dict/"
+                    f"load_state_dict to resume by its own state."
+                )
             checked[k] = {"count": w["count"], "position": w["position"],
                           "state": _jsonable_state(w.get("state"), f"loader state['workers'][{k!r}]['state']")}
         exhausted = state.get("exhausted")

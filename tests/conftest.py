@@ -39,7 +39,11 @@ def child_env(**extra: str) -> Dict[str, str]:
 def run_python(args: Sequence[str], *, env: Optional[Dict[str, str]] = None, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
     """Run `python args...` in a fresh process from the repository root."""
     full_env = child_env(**(env or {}))
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:  # killed: fail with what it printed, never hang the suite
+        out, err = (x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (exc.stdout, exc.stderr))
+        raise AssertionError(f"{args} did not finish in {timeout} s and was killed\nstdout:\n{out[-4000:]}\nstderr:\n{err[-4000:]}") from None
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc

@@ -187,7 +187,7 @@ class TestManifestFiles:
         from seedreg.manifest import _temp_prefix
 
         target = tmp_path / "m.json"
-        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, timeout=120).stdout.strip()
         stale = tmp_path / f"{_temp_prefix(target)}{dead}.deadbeef.tmp"
         alive = tmp_path / f"{_temp_prefix(target)}{os.getpid()}.cafe.tmp"
         stale.write_bytes(b"half a manifest")
@@ -201,7 +201,7 @@ class TestCommandLine:
         path = SeedSession(1).dump(tmp_path / "m.json")
         proc = subprocess.run(
             f"'{sys.executable}' -m seedreg show '{path}' | head -c 10",
-            shell=True, capture_output=True, text=True, env=child_env(),
+            shell=True, capture_output=True, text=True, env=child_env(), timeout=120,
         )
         assert proc.stderr == "" and proc.stdout == "manifest /"
 

@@ -1,13 +1,21 @@
 """examples/lightning_train.py and examples/hf_train.py, run as a user would: a whole run, a run
 stopped early and continued in a new process, and a replay of the manifest."""
 
+import os
 import re
 
 import pytest
 
 from .conftest import ROOT, run_python
 
-pytestmark = pytest.mark.slow
+# What these run is what tests/test_lightning.py and tests/test_transformers.py check in detail;
+# here the scripts run as a user runs them, against the installed wheel: .ci/run's second pass.
+# Locally: pip wheel --no-deps -w dist . && pip install --no-deps --target site dist/*.whl &&
+# SEEDREG_TEST_SITE=site python -m pytest tests/test_framework_examples.py
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.environ.get("SEEDREG_TEST_SITE"), reason="runs against the built wheel (SEEDREG_TEST_SITE; .ci/run)"),
+]
 
 
 def _printed(out: str, name: str) -> str:

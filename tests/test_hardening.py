@@ -390,3 +390,165 @@ class TestDiagnostics:
         code = "import torch; torch.set_float32_matmul_precision('medium'); from seedreg.cli import main; main(['env'])"
         out = run_python(["-c", code]).stdout
         assert "[warn] float32 matmul precision is 'medium'" in out
+
+
+# -- third round (issue: stores, streaming states, races, memory) --------------------------------------------
+
+
+class _Heavy(torch.utils.data.IterableDataset):
+    """A stateful stream whose state is about 300 KB (a cache, a shuffle buffer)."""
+
+    def __init__(self):
+        self.i = 0
+
+    def state_dict(self):
+        return {"i": self.i, "cache": "x" * 300_000}
+
+    def load_state_dict(self, state):
+        self.i = state["i"]
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        while self.i < 40:
+            i, self.i = self.i, self.i + 1
+            if i % nw == wid:
+                yield torch.tensor([i])
+
+
+@pytest.mark.slow
+def test_a_streaming_state_of_any_size_resumes():
+    """4 workers with 300 KB dataset states: the 1.2 MB state that state_dict() returns resumes
+    (it was accepted by load_state_dict, then the first batch failed: the resume plan's 1 MiB)."""
+    def loader():
+        return SeedSession(2).build_dataloader(_Heavy(), "s", batch_size=2, num_workers=4)
+
+    whole = [b.tolist() for b in loader()]
+    first = loader()
+    it = iter(first)
+    taken = [next(it).tolist() for _ in range(5)]
+    state = json.loads(json.dumps(first.state_dict()))
+    del it
+    assert len(json.dumps(state)) > 1_200_000
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = [b.tolist() for b in resumed]
+    assert sorted(map(str, taken + rest)) == sorted(map(str, whole))
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda s: s["workers"].__setitem__("01", s["workers"].pop("1")), "worker ids"),
+    (lambda s: s["workers"].__setitem__("\u0661", s["workers"].pop("1")), "worker ids"),  # Arabic-Indic one
+    (lambda s: s["workers"]["0"].update(count=2**62, position=2**62), "fast-forward"),
+    (lambda s: s["workers"]["0"].update(count=5, position=3), "takes at most what it draws"),
+], ids=["leading-zero", "arabic-indic-digit", "huge-count", "count-past-position"])
+def test_crafted_streaming_worker_states_are_refused(change, message):
+    from seedreg import StateError
+    from tests.test_streaming import Generated
+
+    def loader():
+        return SeedSession(2).build_dataloader(Generated(40), "g", batch_size=2, num_workers=2)
+
+    first = loader()
+    it = iter(first)
+    for _ in range(4):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))
+    del it
+    change(state)
+    with pytest.raises(StateError, match=message):
+        loader().load_state_dict(state)
+
+
+def test_state_dict_while_another_thread_builds_loaders():
+    """One thread builds and drops loaders (up to 200 alive) while another takes state_dict():
+    it raised 'dictionary changed size during iteration'."""
+    session = SeedSession(4)
+    done = threading.Event()
+    errors = []
+
+    def build():
+        alive = []
+        for i in range(3000):
+            alive.append(session.build_dataloader(list(range(4)), f"l{i % 40}"))
+            if len(alive) == 200:
+                alive.clear()
+        done.set()
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: the race shows within a few builds
+    thread = threading.Thread(target=build)
+    thread.start()
+    try:
+        while not done.is_set():
+            try:
+                session._live_loaders()
+                session.state_dict()
+            except RuntimeError as exc:
+                errors.append(exc)
+                break
+    finally:
+        thread.join()
+        sys.setswitchinterval(switch)
+    assert errors == []
+
+
+def test_a_loaded_state_is_not_shared_with_the_caller():
+    session = SeedSession(4)
+    session.build_dataloader(list(range(8)), "l", batch_size=2)
+    state = session.state_dict()
+    other = SeedSession(4)
+    other.build_dataloader(list(range(8)), "l", batch_size=2)
+    other.load_state_dict(state)
+    state["rng"]["python"]["state"] = "changed by the caller"
+    assert other.state_dict()["rng"] != state["rng"]
+    mine = other.state_dict()
+    mine["rng"]["torch"] = "changed"
+    assert other.state_dict()["rng"]["torch"] != "changed"
+
+
+def test_a_cuda_key_that_is_a_digit_but_not_an_int_is_a_state_error():
+    from seedreg import StateError
+
+    session = SeedSession(4)
+    state = session.state_dict()
+    state["rng"]["cuda"] = {"\u00b2": "AAAA"}  # superscript two: str.isdigit() says yes, int() says no
+    with pytest.raises(StateError, match="device indices"):
+        session.load_state_dict(state)
+
+
+def _resealed(manifest_text: str, edit) -> str:
+    lines = manifest_text.split("\n")
+    body = "\n".join(lines[:1] + lines[2:])  # without the checksum line
+    return _with_checksum(edit(body))
+
+
+def test_a_sealed_manifest_with_a_malformed_replay_section_is_refused(tmp_path):
+    text = SeedSession(1).manifest().to_json()
+    bad = _resealed(text, lambda body: body.replace('"replay": null', '"replay": {"verdict": 5, "results": {}, "reasons": []}'))
+    (tmp_path / "m.json").write_text(bad)
+    with pytest.raises(ManifestError, match=r"manifest\['replay'\]\['verdict'\]"):
+        Manifest.load(tmp_path / "m.json")
+    proc = run_python(["-m", "seedreg", "show", tmp_path / "m.json"], check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "replay" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_manifest_of_tiny_values_on_one_line_is_refused_in_bounded_memory(tmp_path):
+    """A sealed manifest whose records are one line of 10 million empty lists (30 MB): refused
+    before parsing, so the reader's memory grows by a small multiple of the file, not ~24x."""
+    text = SeedSession(1).manifest().to_json()
+    bomb = "[" + ",".join(["[]"] * 10_000_000) + "]"
+    sealed = _resealed(text, lambda body: body.replace('"records": []', '"records": ' + bomb))
+    path = tmp_path / "bomb.json"
+    path.write_text(sealed)
+    code = (
+        "import resource, sys\nfrom seedreg import Manifest, ManifestError\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n    Manifest.load(sys.argv[1])\nexcept ManifestError as exc:\n    print('refused:', exc)\n"
+        "print('grew', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    out = run_python(["-c", code, path]).stdout
+    assert "refused:" in out and "tiny JSON values" in out, out
+    grew_kb = int(out.rsplit("grew", 1)[1])
+    assert grew_kb * 1024 < 5 * path.stat().st_size, (grew_kb, path.stat().st_size)

@@ -126,7 +126,7 @@ class TestReplay:
             assert fingerprint(model) == after[t], t
         if on_disk:
             files = sorted(p.name for p in (tmp_path / "store").iterdir())
-            assert files == sorted(f"step-{t}{ext}" for t in ckpt.saved for ext in (".json", ".pt"))
+            assert files == sorted([f"step-{t}{ext}" for t in ckpt.saved for ext in (".json", ".pt")] + ["seedreg-store.json"])
 
     def test_on_disk_and_in_memory_give_the_same_replay(self, tmp_path):
         results = []
@@ -188,7 +188,126 @@ class TestReplay:
 @pytest.mark.slow
 def test_metagradient_example_matches_unrolled_autograd():
     out = run_python([ROOT / "examples/magic_metagradient.py", "--schedule", "sqrt"]).stdout
-    diff = float(re.search(r"max abs difference (\S+)", out).group(1))
-    assert diff <= 1e-6 and "metagradient OK" in out
+    diff = float(re.search(r"max relative difference (\S+)", out).group(1))
+    assert diff <= 1e-4 and "metagradient OK" in out
     lds = float(re.search(r"single-model LDS of the metagradient over \d+ leave-\d+-out retrains: (\S+)", out).group(1))
-    assert -1.0 <= lds <= 1.0
+    assert lds >= 0.8
+
+
+@pytest.mark.slow
+def test_magic_lds_example_on_digits(tmp_path):
+    """The real-data example, small: it prints a cost ratio and an LDS per drop fraction, and the scatter."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    out = run_python([ROOT / "examples/magic_lds.py", "--targets", "1", "--subsets", "8", "--plot", tmp_path / "s.png"]).stdout
+    assert re.search(r"metagradient: \S+ s a target, \S+x one training run", out)
+    for fraction in ("1%", "5%"):
+        lds = float(re.search(rf"single-model LDS at a {fraction} drop over 8 retrains and 1 test images: (\S+)", out).group(1))
+        assert lds >= 0.5, (fraction, lds)
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gradient_accumulation_and_two_optimizers_replay_every_step():
+    """Gradients accumulated over two steps and two optimizers (SGD for the body, Adam for the
+    head): every step replays to the same weights and the same .grad, with no extras."""
+    s = SeedSession(9).setup()
+    model = s.build_model(TinyCNN, "m")
+    head = list(model.head.parameters())
+    body = [p for name, p in model.named_parameters() if not name.startswith("head.")]
+    sgd = torch.optim.SGD(body, lr=0.05, momentum=0.9)
+    adam = torch.optim.Adam(head, lr=1e-3)
+    loader = s.build_dataloader(ToyImages(40), "train", batch_size=8, shuffle=True)
+    ckpt = StepCheckpoints(s, model, [sgd, adam], loader, every=3)
+
+    def step_fn(step, indices, batch):
+        x, y = batch
+        F.cross_entropy(model(x), y).backward()  # accumulates into .grad
+        if step % 2 == 1:
+            sgd.step()
+            adam.step()
+            sgd.zero_grad()
+            adam.zero_grad()
+
+    def grads():
+        return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+    after = {}
+    ckpt.maybe_save(0)
+    for step, batch in enumerate(loader):
+        step_fn(step, None, batch)
+        after[step] = (fingerprint(model), grads())
+        ckpt.maybe_save(step + 1)
+    for t in range(len(after)):
+        ckpt.replay(t, step_fn)
+        assert fingerprint(model) == after[t][0], t
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads(), after[t][1])), t
+    with pytest.raises(TypeError, match=r"`optimizer\[1\]` \(int\) has no state_dict"):
+        StepCheckpoints(s, model, [sgd, 5], loader, every=3)
+
+
+# -- stores that cannot be mixed up ------------------------------------------------------------------------
+
+
+def _stored(store, lr=0.05, **kw):
+    """A short run with its states on disk; returns (checkpoints, step_fn, weights after step 5)."""
+    s = SeedSession(9).setup()
+    model = s.build_model(TinyCNN, "m")
+    opt = s.build_optimizer(torch.optim.SGD, model.parameters(), "m", lr=lr, momentum=0.9)
+    loader = s.build_dataloader(ToyImages(40), "train", batch_size=8, shuffle=True)
+    ckpt = StepCheckpoints(s, model, opt, loader, every=3, store=store, **kw)
+
+    def step_fn(step, indices, batch):
+        x, y = batch
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    _, after = _train(model, loader, ckpt, step_fn, epochs=2)
+    return ckpt, step_fn, model, after
+
+
+def test_a_second_run_refuses_a_store_unless_told_to_overwrite(tmp_path):
+    """An lr sweep given one store: the second run is refused (replaying the first would silently
+    start from the second's states); with overwrite=True it takes the store, and the first run's
+    reads are refused as another run's."""
+    from seedreg import StateError
+
+    first, step_fn, model, after = _stored(tmp_path)
+    with pytest.raises(StateError, match="another run.*overwrite=True"):
+        _stored(tmp_path, lr=0.1)
+    first.replay(5, step_fn)
+    assert fingerprint(model) == after[5]
+    _stored(tmp_path, lr=0.1, overwrite=True)
+    with pytest.raises(StateError, match=r"step-3.json \(the state of step 3\) belongs to another run"):
+        first.replay(5, step_fn)
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("swap", "holds the state of step 6"),
+    ("replace-tensors", "does not match the digest"),
+    ("truncate-json", "cannot be read"),
+    ("delete-tensors", "cannot be read: no manifest there"),
+    ("deep-json", "cannot be read"),
+])
+def test_a_damaged_or_swapped_state_file_is_refused_before_anything_is_restored(tmp_path, damage, message):
+    from seedreg import StateError
+
+    ckpt, step_fn, model, after = _stored(tmp_path)
+    store = tmp_path
+    if damage == "swap":
+        a, b = (store / "step-3.json").read_bytes(), (store / "step-6.json").read_bytes()
+        (store / "step-3.json").write_bytes(b)
+        (store / "step-6.json").write_bytes(a)
+    elif damage == "replace-tensors":  # a file with the right shapes: step 6's tensors as step 3's
+        (store / "step-3.pt").write_bytes((store / "step-6.pt").read_bytes())
+    elif damage == "truncate-json":
+        (store / "step-3.json").write_bytes((store / "step-3.json").read_bytes()[:50])
+    elif damage == "delete-tensors":
+        (store / "step-3.pt").unlink()
+    else:
+        (store / "step-3.json").write_text("[" * 200_000 + "]" * 200_000)
+    before = fingerprint(model)
+    with pytest.raises(StateError) as info:
+        ckpt.replay(4, step_fn)
+    assert message in str(info.value) and "step 3" in str(info.value), str(info.value)
+    assert fingerprint(model) == before

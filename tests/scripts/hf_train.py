@@ -13,31 +13,16 @@ import hashlib
 import json
 import os
 
-import numpy as np
 import torch
 import transformers
 from transformers import BertConfig, BertForSequenceClassification, TrainerCallback, TrainingArguments
 
 from seedreg import SeedSession
+from seedreg.demo import ToyTokens
 from seedreg.integrations.transformers import SeedregTrainer
 from tests.scripts.framework_run import arguments, weights_bytes
 
 transformers.logging.set_verbosity_error()
-
-
-class Tokens(torch.utils.data.Dataset):
-    def __init__(self, n: int) -> None:
-        rng = np.random.default_rng(7)
-        self.ids = rng.integers(5, 60, size=(n, 16))
-        self.labels = (self.ids[:, 0] > 32).astype(np.int64)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int):
-        ids = torch.from_numpy(self.ids[i].copy())
-        ids[torch.rand(16) < 0.15] = 4  # random masking: torch's global generator, per example
-        return {"input_ids": ids, "attention_mask": torch.ones(16, dtype=torch.long), "labels": torch.tensor(self.labels[i])}
 
 
 class Logged(SeedregTrainer):
@@ -73,7 +58,7 @@ def main() -> None:
         report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=args.workers,
     )
     callbacks = [KillAfter(args.kill_after)] if args.kill_after is not None else []
-    trainer = Logged(model=model, args=training, train_dataset=Tokens(96), eval_dataset=Tokens(32), session=session,
+    trainer = Logged(model=model, args=training, train_dataset=ToyTokens(96), eval_dataset=ToyTokens(32), session=session,
                      callbacks=callbacks)
     trainer.train(resume_from_checkpoint=args.resume)
     blob = weights_bytes(model)
