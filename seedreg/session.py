@@ -7,7 +7,6 @@ replayable. Constructing a session changes no global state; ``setup()`` does, on
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import pathlib
@@ -62,6 +61,12 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
     return repr(value)
+
+
+def _copy_rng(rng: Mapping[str, Any]) -> Dict[str, Any]:
+    """A copy of a validated generator state (``capture_global``'s layout: two levels of dicts over
+    strings and numbers), so that neither the caller's dict nor the session's is shared."""
+    return {k: dict(v) if isinstance(v, Mapping) else v for k, v in rng.items()}
 
 
 def _check_loader_identity(loader_state: Any, i: int, version: int) -> None:
@@ -646,7 +651,7 @@ class SeedSession:
         """The whole random state of this rank, JSON-native: the registry (every key and its uses),
         the global generators (python, numpy, torch CPU, CUDA devices in use) and the position of
         each loader the program still holds (by instance id and use)."""
-        rng = copy.deepcopy(self._pending_rng[1]) if self._pending_rng is not None else capture_global()
+        rng = _copy_rng(self._pending_rng[1]) if self._pending_rng is not None else capture_global()
         return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
@@ -671,7 +676,7 @@ class SeedSession:
 
     def _rewind_state(self) -> Dict[str, Any]:
         """The random state and loader positions alone (JSON-native), for an in-process rewind."""
-        rng = copy.deepcopy(self._pending_rng[1]) if self._pending_rng is not None else capture_global()
+        rng = _copy_rng(self._pending_rng[1]) if self._pending_rng is not None else capture_global()
         return {"rng": rng, "loaders": [loader.state_dict() for loader in self._live_loaders()]}
 
     def _rewind(self, state: Mapping[str, Any]) -> None:
@@ -693,7 +698,7 @@ class SeedSession:
         self._registry.install(memo)
         loaders = self._live_loaders()
         if loaders:
-            self._pending_rng = (rng, copy.deepcopy(state["rng"]))  # the caller's dict stays the caller's
+            self._pending_rng = (rng, _copy_rng(state["rng"]))  # the caller's dict stays the caller's
             for loader in loaders:
                 loader._before_batch = self._apply_pending_rng
         else:
