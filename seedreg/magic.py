@@ -472,8 +472,7 @@ def metagradient(
     every = 1 if schedule == "uniform" else None
     batches = _BatchCache()
     checkpoints = _Checkpoints(session, model, None, loader, schedule=schedule, every=every,
-                                  steps=None if schedule == "uniform" else total,
-                                  extra=[(stepper.get_state, stepper.set_state)])
+                               steps=None if schedule == "uniform" else total, extra=[(stepper.get_state, stepper.set_state)])
     checkpoints.batches = batches
 
     others = {n: b.detach().clone() for n, b in model.named_buffers() if n not in stepper.tracked}
@@ -510,9 +509,8 @@ def metagradient(
     finally:
         model.train()
     grads = [torch.zeros_like(i) if g is None else g.detach() for i, g in zip(inputs, grads)]
-    k = len(final)
-    adjoint = _Adjoint(grads[:k], [grads[k + stepper.stat_names.index(n)] if n in stats else None for n in stepper.stat_names],
-                       [torch.zeros_like(s) for s in stepper.opt_state], weights)
+    k = len(final)  # `stats` follows stepper.stat_names (both in named_buffers() order)
+    adjoint = _Adjoint(grads[:k], grads[k:], [torch.zeros_like(s) for s in stepper.opt_state], weights)
     trained = {k2: v.detach().clone() for k2, v in model.state_dict().items()}
     trained_state = stepper.get_state()
     backward_done = [0]
