@@ -8,6 +8,12 @@ import sys
 _SITE = os.environ.get("SEEDREG_TEST_SITE")
 if _SITE:
     sys.path.insert(0, os.path.abspath(_SITE))
+    # imported now, from there: pytest puts the checkout first on sys.path again when it imports
+    # the tests package, and an editable install's finder would find the checkout too
+    import seedreg
+
+    if not os.path.realpath(seedreg.__file__).startswith(os.path.realpath(_SITE) + os.sep):
+        raise RuntimeError(f"SEEDREG_TEST_SITE={_SITE} but seedreg was imported from {seedreg.__file__}")
 
 # Keep pytest's doctest collection away from the module that runs the CLI on import, and from the
 # integrations whose framework is not installed (they are optional extras).

@@ -32,6 +32,8 @@ def child_env(**extra: str) -> Dict[str, str]:
     site = os.environ.get("SEEDREG_TEST_SITE")  # the installed wheel under test, before the checkout
     site = os.path.abspath(site) if site else None
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, str(ROOT), env.get("PYTHONPATH")]))
+    if site:
+        env["PYTHONSAFEPATH"] = "1"  # `python -c`/`-m` from the checkout would put it (the cwd) first
     env.update(extra)
     return env
 
