@@ -25,15 +25,17 @@ other global random draw inside the forward pass is replayed exactly.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 import attrs
 import torch
 from torch.func import functional_call
 
+from .attribution import SCHEDULES, StepCheckpoints
 from .errors import SeedregError
 
 __all__ = ["AdamW", "MetagradientResult", "SGD", "metagradient"]
@@ -209,53 +211,51 @@ class _Stepper:
     def set_state(self, state: List[torch.Tensor]) -> None:
         self.opt_state = [s.detach().clone() for s in state]
 
+    def _call(self, params: Dict[str, torch.Tensor], x: Any, hook: Callable[..., Any], *, pre: bool) -> Any:
+        """``functional_call`` of the model with `params` and copies of its buffers (which the
+        kernels may update), with `hook(module, args[, output], name=...)` on each BatchNorm layer."""
+        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+        handles = []
+        for prefix, norm in self.norms:
+            bound = functools.partial(hook, name=(prefix + ".") if prefix else "", buffers=buffers)
+            handles.append(norm.register_forward_pre_hook(bound) if pre else norm.register_forward_hook(bound))
+        try:
+            return functional_call(self.model, {**buffers, **params}, (x,), strict=False)
+        finally:
+            for h in handles:
+                h.remove()
+
     def _forward(self, params: Dict[str, torch.Tensor], stats: Dict[str, torch.Tensor], x: Any) -> Tuple[Any, Dict[str, torch.Tensor]]:
         """The model's output in training mode, and the BatchNorm running statistics it leads to,
         as differentiable functions of `params` and `stats`."""
         new_stats: Dict[str, torch.Tensor] = {}
-        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}  # the kernels update these copies
-        hooks = []
-        for prefix, norm in self.norms:
-            def hook(module: Any, args: Tuple[Any, ...], prefix: str = prefix) -> None:
-                name = (prefix + ".") if prefix else ""
-                inp = args[0]
-                dims = [0] + list(range(2, inp.dim()))
-                count = inp.numel() // inp.shape[1]
-                mean = inp.mean(dims)
-                var = inp.var(dims, unbiased=False) * (count / max(count - 1, 1))
-                tracked = buffers[name + "num_batches_tracked"]
-                factor = module.momentum if module.momentum is not None else 1.0 / float(tracked.item() + 1)
-                new_stats[name + "running_mean"] = (1 - factor) * stats[name + "running_mean"] + factor * mean
-                new_stats[name + "running_var"] = (1 - factor) * stats[name + "running_var"] + factor * var
-            hooks.append(norm.register_forward_pre_hook(hook))
-        try:
-            out = functional_call(self.model, {**buffers, **params}, (x,), strict=False)
-        finally:
-            for h in hooks:
-                h.remove()
-        return out, new_stats
+
+        def hook(module: Any, args: Tuple[Any, ...], *, name: str, buffers: Dict[str, torch.Tensor]) -> None:
+            inp = args[0]
+            dims = [0] + list(range(2, inp.dim()))
+            count = inp.numel() // inp.shape[1]
+            mean = inp.mean(dims)
+            var = inp.var(dims, unbiased=False) * (count / max(count - 1, 1))
+            tracked = buffers[name + "num_batches_tracked"]
+            factor = module.momentum if module.momentum is not None else 1.0 / float(tracked.item() + 1)
+            new_stats[name + "running_mean"] = (1 - factor) * stats[name + "running_mean"] + factor * mean
+            new_stats[name + "running_var"] = (1 - factor) * stats[name + "running_var"] + factor * var
+
+        return self._call(params, x, hook, pre=True), new_stats
 
     def evaluate(self, params: Dict[str, torch.Tensor], stats: Dict[str, torch.Tensor], x: Any) -> Any:
         """The model in eval mode as a differentiable function of `params` and the BatchNorm running
         statistics `stats` (torch's kernel takes no gradient for those: normalised here instead)."""
-        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
-        hooks = []
-        for prefix, norm in self.norms:
-            def hook(module: Any, args: Tuple[Any, ...], output: Any, prefix: str = prefix) -> Any:
-                name = (prefix + ".") if prefix else ""
-                inp = args[0]
-                shape = [1, inp.shape[1]] + [1] * (inp.dim() - 2)
-                mean, var = stats[name + "running_mean"].reshape(shape), stats[name + "running_var"].reshape(shape)
-                out = (inp - mean) / torch.sqrt(var + module.eps)
-                if module.affine:
-                    out = out * module.weight.reshape(shape) + module.bias.reshape(shape)
-                return out
-            hooks.append(norm.register_forward_hook(hook))
-        try:
-            return functional_call(self.model, {**buffers, **params}, (x,), strict=False)
-        finally:
-            for h in hooks:
-                h.remove()
+        def hook(module: Any, args: Tuple[Any, ...], output: Any, *, name: str, buffers: Dict[str, torch.Tensor]) -> Any:
+            inp = args[0]
+            shape = [1, inp.shape[1]] + [1] * (inp.dim() - 2)
+            mean, var = stats[name + "running_mean"].reshape(shape), stats[name + "running_var"].reshape(shape)
+            out = (inp - mean) / torch.sqrt(var + module.eps)
+            if module.affine:
+                out = out * module.weight.reshape(shape) + module.bias.reshape(shape)
+            return out
+
+        return self._call(params, x, hook, pre=False)
 
     def _batch_loss(self, out: Any, y: Any, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         per_example = self.loss(out, y)
@@ -267,9 +267,10 @@ class _Stepper:
             )
         return (weights[indices.to(weights.device)] * per_example).mean()
 
-    def _take(self, step: int, indices: torch.Tensor, x: Any, y: Any) -> None:
+    def take(self, step: int, indices: torch.Tensor, batch: Any) -> None:
         """Step `step` as training takes it: the module's own forward (its BatchNorm layers update
         their running statistics in place, as in a plain run), the gradient, the optimizer's step."""
+        x, y = batch
         with torch.enable_grad():
             loss = self._batch_loss(self.model(x), y, indices, self.weights.detach())
             grads = torch.autograd.grad(loss, self.params, allow_unused=True)
@@ -280,13 +281,10 @@ class _Stepper:
                 p.copy_(new)
         self.opt_state = list(new_state)
 
-    def apply(self, step: int, indices: torch.Tensor, batch: Any, *, adjoint: Optional["_Adjoint"] = None) -> None:
-        """Run step `step` on `batch`: update the module's parameters and buffers and the optimizer
-        state; with `adjoint`, pull it back through the step instead of only taking it."""
+    def pull(self, step: int, indices: torch.Tensor, batch: Any, adjoint: "_Adjoint") -> None:
+        """Pull `adjoint` back through step `step` (the state before it restored): the step again as
+        a differentiable function of the state and the weights, then a vector-Jacobian product."""
         x, y = batch
-        if adjoint is None:
-            self._take(step, indices, x, y)
-            return
         params = {n: p.detach().clone().requires_grad_() for n, p in zip(self.names, self.params)}
         current = dict(self.model.named_buffers())
         stats = {n: current[n].detach().clone().requires_grad_() for n in self.stat_names}
@@ -353,17 +351,14 @@ class _BatchCache:
             self.used += size
 
 
-def _checkpoints_class() -> Any:
-    from .attribution import StepCheckpoints
+class _Checkpoints(StepCheckpoints):
+    """StepCheckpoints that takes a step's batch from the training pass's cache when it is there."""
 
-    class Checkpoints(StepCheckpoints):
-        batches: _BatchCache
+    batches: _BatchCache
 
-        def _batch(self, step: int) -> Tuple[torch.Tensor, Any]:
-            kept = self.batches.kept.get(step)
-            return kept if kept is not None else super()._batch(step)
-
-    return Checkpoints
+    def _batch(self, step: int) -> Tuple[torch.Tensor, Any]:
+        kept = self.batches.kept.get(step)
+        return kept if kept is not None else super()._batch(step)
 
 
 def _check_loader(loader: Any) -> Any:
@@ -430,9 +425,6 @@ def metagradient(
     The model trains in place and is returned as ``result.model``; its parameters equal those of a
     plain training loop with the torch.optim optimizer of the same settings and the same session.
     """
-    from .attribution import SCHEDULES
-
-    _Checkpoints = _checkpoints_class()
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
@@ -484,7 +476,7 @@ def metagradient(
         for batch in loader:
             indices = torch.tensor(loader.indices_at(step)[1], dtype=torch.long)
             batches.keep(step, indices, batch)
-            stepper.apply(step, indices, batch)
+            stepper.take(step, indices, batch)
             if step == 0:
                 _check_buffers(model, others)
             step += 1
@@ -516,14 +508,11 @@ def metagradient(
     backward_done = [0]
 
     def pull(s: int, indices: torch.Tensor, batch: Any) -> None:
-        stepper.apply(s, indices, batch, adjoint=adjoint)
+        stepper.pull(s, indices, batch, adjoint)
         backward_done[0] += 1
         progress("backward", backward_done[0])
 
-    def forward(s: int, indices: torch.Tensor, batch: Any) -> None:
-        stepper.apply(s, indices, batch)
-
-    checkpoints.reverse(pull, forward=forward)
+    checkpoints.reverse(pull, forward=stepper.take)
     with torch.no_grad():  # the reverse pass left the state before step 0: put the trained one back
         model.load_state_dict(trained)
     stepper.set_state(trained_state)

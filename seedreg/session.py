@@ -349,7 +349,7 @@ class SeedSession:
         if not callable(factory):
             raise TypeError(f"`factory` must be callable (a model class or a function), got {factory!r}.")
         instance_id = check_instance_id(instance_id)
-        self._check_set_up('build_model')
+        self._check_set_up("build_model")
         seed, use = self._registry.use("model", instance_id, "model")
         with Fork(seed, python=True, numpy=True):
             model = factory(**kwargs)
@@ -371,7 +371,7 @@ class SeedSession:
         if not callable(optimizer_class):
             raise TypeError(f"`optimizer_class` must be an optimizer class such as torch.optim.SGD, got {optimizer_class!r}.")
         instance_id = check_instance_id(instance_id)
-        self._check_set_up('build_optimizer')
+        self._check_set_up("build_optimizer")
         seed, use = self._registry.use("optimizer", instance_id, "optimizer")
         with Fork(seed, python=True, numpy=True):
             optimizer = optimizer_class(params, **kwargs)
@@ -433,7 +433,7 @@ class SeedSession:
                 f"got {type(dataset).__name__}."
             )
         instance_id = check_instance_id(instance_id)
-        self._check_set_up('build_dataloader')
+        self._check_set_up("build_dataloader")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"`batch_size` must be an int >= 1 or None, got {batch_size!r}.")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
