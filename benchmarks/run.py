@@ -2,6 +2,7 @@
 
     python benchmarks/run.py           # the full table (a few minutes on 2 cores)
     python benchmarks/run.py --quick   # a smoke run with tiny sizes (the tests run this)
+    python benchmarks/run.py --study-scale   # also the 50,000 x 50,000 study audit
 
 Each line times a seedreg operation and its plain-PyTorch baseline alternately, several rounds,
 and reports medians and their ratio against the target. Timings on shared machines are noisy;
@@ -295,43 +296,128 @@ def bench_memory(t: Table, q: bool) -> None:
     t.add(f"registry memory ({count:,} records, ids included)", per, None, "<= 300 bytes a record", per <= 300, note=f"{per:.0f} bytes")
 
 
-def bench_study(t: Table, q: bool, tmp: str) -> None:
+def fabricate(study, ids, logs: int = 100) -> None:
+    """Completion records for `ids` in `logs` task logs, each line a real manifest's size: a study
+    with that many completed models, made in seconds (the index and the logs as save() writes them)."""
+    import json as _json
+
+    from seedreg.study.logs import make_record, outputs_digest
+
+    template = study.manifest_of(int(study.completed()[0])).to_dict()
+    row = np.zeros(study.num_outputs, np.float32)
+    digest = outputs_digest(row)
+    ids = list(ids)
+    per = -(-len(ids) // logs)
+    for k in range(0, len(ids), per):
+        name = os.path.join(study.root, "tasks", f"fabricated-{k}")
+        offset, lines, recs = 0, [], []
+        for i in ids[k:k + per]:
+            line = (_json.dumps({"model_id": i, "attempt": 1, "manifest": template}, separators=(",", ":")) + "\n").encode()
+            recs.append(make_record(i, 1, offset, line, digest))
+            lines.append(line)
+            offset += len(line)
+        with open(name + ".jsonl", "wb") as fh:
+            fh.write(b"".join(lines))
+        with open(name + ".idx", "wb") as fh:
+            fh.write(b"".join(recs))
+
+
+def _peak_rss_of(code: str, *args: str) -> Tuple[float, int]:
+    """(seconds, peak RSS bytes of the largest of its processes) of `code` in a fresh python process."""
+    import subprocess
+
+    wrapped = code + ("\nimport resource; print('PEAK', max(resource.getrusage(who).ru_maxrss "
+                      "for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))")
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", wrapped, *args], capture_output=True, text=True, check=True).stdout
+    took = time.perf_counter() - start
+    return took, 1024 * int(out.rsplit("PEAK", 1)[1].split()[0])
+
+
+def bench_study(t: Table, q: bool, tmp: str, scale: bool) -> None:
     """A study's per-model overhead (no training) against drawing the mask with numpy and writing
-    the two rows by hand; then the audit of a whole study."""
+    the two rows by hand, with few and with many completed models; opening a large study; the
+    streamed audit's time and peak memory; lds_score's memory."""
     from seedreg import Study
 
     examples = 5_000 if q else 50_000
-    models = 200 if q else 10_000
     rounds, per = (3, 10) if q else (7, 40)
-    study = Study(os.path.join(tmp, "study"), master_seed=1, num_models=models, num_examples=examples, alpha=0.5, num_outputs=10)
     out = np.zeros(10, np.float32)
-    masks = np.lib.format.open_memmap(os.path.join(tmp, "masks.npy"), mode="w+", dtype=bool, shape=(models, examples))
-    outputs = np.lib.format.open_memmap(os.path.join(tmp, "outputs.npy"), mode="w+", dtype=np.float32, shape=(models, 10))
-    ids = iter(range(models))
-
-    def ours() -> None:
-        with study.run(next(ids)) as run:
+    masks = np.lib.format.open_memmap(os.path.join(tmp, "masks.npy"), mode="w+", dtype=bool, shape=(2 * rounds * per + 2, examples))
+    outputs = np.lib.format.open_memmap(os.path.join(tmp, "outputs.npy"), mode="w+", dtype=np.float32, shape=(2 * rounds * per + 2, 10))
+    big = 2_000 if q else 300_000
+    for done, logs in ((200, 16), (2_000, 16), (2_000, 200)) if q else ((1_000, 16), (300_000, 16), (300_000, 1_000)):
+        study = Study(os.path.join(tmp, f"study-{done}-{logs}"), master_seed=1, num_models=done + 2 * rounds * per + 2,
+                      num_examples=examples, alpha=0.5, num_outputs=10)
+        with study.run(done) as run:
             run.save(out)
+        fabricate(study, range(done), logs)
+        ids = iter(range(done + 1, study.num_models))
+        ids_base = iter(range(study.num_models))
 
-    def base() -> None:
-        i = next(ids_base)
-        rng = np.random.default_rng(i)
-        mask = np.zeros(examples, dtype=bool)
-        mask[rng.permutation(examples)[: examples // 2]] = True
-        masks[i] = mask
-        outputs[i] = out
+        def ours() -> None:
+            with study.run(next(ids)) as run:
+                run.save(out)
 
-    ids_base = iter(range(models))
-    o, b = compare(ours, base, per, rounds)
-    t.add(f"study.run + save per model ({examples:,} examples)", o, b, "<= 2x and < 5 ms", o / b <= 2 and o < 5e-3)
-    for i in ids:  # the rest of the study, for the audit
-        with study.run(i) as run:
-            run.save(out)
-    start = time.perf_counter()
-    report = study.audit()
-    took = time.perf_counter() - start
-    assert report["ok"], report["problems"][:3]
-    t.add(f"study.audit ({models:,} models x {examples:,} examples)", took, None, "< 60 s", took < 60, note=f"{took:.1f} s")
+        def base() -> None:
+            i = next(ids_base) % len(masks)
+            rng = np.random.default_rng(i)
+            mask = np.zeros(examples, dtype=bool)
+            mask[rng.choice(examples, examples // 2, replace=False, shuffle=False)] = True
+            masks[i] = mask
+            outputs[i] = out
+
+        o, b = compare(ours, base, per, rounds)
+        t.add(f"study.run + save per model, {done:,} completed in {logs:,} task logs ({examples:,} examples)", o, b,
+              "<= 2x and < 5 ms", o / b <= 2 and o < 5e-3)
+        if done == big and logs == 16:
+            code = ("import sys, time; t = time.perf_counter(); from seedreg import Study; i = time.perf_counter()\n"
+                    "s = Study.open(sys.argv[1]); ids = s.models_for(0, 1000)\nprint('TOOK', time.perf_counter() - i, i - t)")
+            import subprocess
+
+            took, imported = map(float, subprocess.run([sys.executable, "-c", code, str(study.root)], capture_output=True, text=True,
+                                                       check=True).stdout.split("TOOK")[1].split())
+            t.add(f"Study.open + models_for, {done:,} completed (fresh process; the import before it: {imported * 1e3:.0f} ms)",
+                  took, None, "< 0.5 s", took < 0.5)
+        shutil_rm(str(study.root))
+    sizes = [(200, 5_000)] if q else [(10_000, 50_000)] + ([(50_000, 50_000)] if scale else [])
+    for models, examples in sizes:
+        root = os.path.join(tmp, f"audit-{models}")
+        study = Study(root, master_seed=1, num_models=models, num_examples=examples, alpha=0.5, num_outputs=10)
+        for i in range(models):
+            with study.run(i) as run:
+                run.save(out)
+        code = "import sys; from seedreg import Study; r = Study.open(sys.argv[1]).audit(); assert r['ok'], r['problems'][:3]"
+        took, peak = _peak_rss_of(code, root)
+        read = ("import sys, numpy as np, os\nfor name in ('masks.npy', 'outputs.npy'):\n"
+                "    with open(os.path.join(sys.argv[1], name), 'rb') as fh:\n"
+                "        while fh.read(64 << 20): pass")
+        base_took, base_peak = _peak_rss_of(read, root)
+        t.add(f"study.audit ({models:,} models x {examples:,} examples), fresh process", took, base_took, "300,000 in < 2 min",
+              took * 300_000 / models < 120, note=f"{took:.1f} s; reading the two arrays once: {base_took:.1f} s; "
+              f"300,000 extrapolated: {took * 300_000 / models / 60:.1f} min")
+        t.add(f"study.audit ({models:,} x {examples:,}) peak memory (all processes: RSS of the largest)", peak, None, "< 1 GB",
+              peak < 1 << 30, note=f"{peak / 2**20:.0f} MB resident (bytes; the import of torch included)")
+        shutil_rm(root)
+    from seedreg import lds_score
+
+    models, examples, targets = (500, 5_000, 20) if q else (5_000, 50_000, 100)
+    rng = np.random.default_rng(0)
+    lmasks = rng.random((models, examples)) < 0.5
+    scores = rng.normal(size=(examples, targets)).astype(np.float32)
+    louts = rng.normal(size=(models, targets))
+    tracemalloc.start()
+    lds_score(scores, lmasks, louts)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    t.add(f"lds_score memory beyond its inputs ({models:,} x {examples:,} masks)", peak, None, "about one chunk (16 MB)",
+          peak < 32 << 20, note=f"{peak / 2**20:.0f} MB (bytes allocated); a float64 copy of the masks would be {lmasks.size * 8 / 2**20:.0f} MB")
+
+
+def shutil_rm(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def bench_checkpoints(t: Table, q: bool) -> None:
@@ -457,6 +543,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--json", help="also write the table as JSON here")
+    parser.add_argument("--study-scale", action="store_true", help="also audit a 50,000 x 50,000 study (about 10 minutes more)")
     args = parser.parse_args(argv)
     import tempfile
 
@@ -476,7 +563,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         bench_state(t, args.quick)
         bench_manifest(t, args.quick, tmp)
         bench_memory(t, args.quick)
-        bench_study(t, args.quick, tmp)
+        bench_study(t, args.quick, tmp, args.study_scale)
         bench_checkpoints(t, args.quick)
         bench_metagradient(t, args.quick)
         bench_epoch(t, args.quick)

@@ -7,12 +7,15 @@ for a simple attribution is computed from the study's masks and outputs.
     seedreg study audit runs/study
 
 On a cluster, examples/slurm/lds_array.sbatch runs the same script as a SLURM job array (the task
-comes from SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT). Model i trains in ``study.run(i)``:
+comes from SLURM_ARRAY_TASK_ID and the array's MIN, MAX and STEP, so --array=1-16 or 0-30:2 work
+as written); examples/lds_study_submitit.py and examples/lds_study_ray.py run the same models with
+submitit and Ray. Model i trains in ``study.run(i)``:
 its mask, initialisation, data order and dropout depend only on (master seed, i), so it gives
 the same bytes in any task split, or retrained alone.
 """
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -63,6 +66,28 @@ def train_one(run, train_set, tx, ty, epochs):
     return margins
 
 
+def share_this_folder():
+    """Tasks that an engine starts in other processes (submitit, Ray) import this module too."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+
+
+def open_study(root, seed=42, models=12, alpha=0.5, replicates=1):
+    return Study(root, master_seed=seed, num_models=models, num_examples=EXAMPLES, alpha=alpha,
+                 num_outputs=TARGETS, replicates=replicates)
+
+
+def train_model(study, model_id, epochs=5, redo=False):
+    """Model `model_id` of `study`, trained and saved: the unit every engine (a local loop, a SLURM
+    array, submitit, Ray) runs. Its bytes depend only on (master seed, model_id)."""
+    x, y, tx, ty = data()
+    with study.run(model_id, redo=redo) as run:
+        margins = train_one(run, torch.utils.data.TensorDataset(x, y), tx, ty, epochs)
+        run.save(margins)
+    print(f"model {model_id}: {int(run.mask.sum())} examples, mean margin {float(margins.mean()):+.4f}, "
+          f"weights {run.session.results[0]['value']}", flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--root", default="runs/study")
@@ -71,25 +96,19 @@ def main() -> int:
     p.add_argument("--replicates", type=int, default=1)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--task", type=int, help="this task's number (default: SLURM_ARRAY_TASK_ID or SEEDREG_TASK)")
-    p.add_argument("--num-tasks", type=int, help="the number of tasks (default: SLURM_ARRAY_TASK_COUNT or SEEDREG_NUM_TASKS)")
+    p.add_argument("--task", type=int, help="this task's number (default: from the SLURM job array, or SEEDREG_TASK)")
+    p.add_argument("--num-tasks", type=int, help="the number of tasks (default: from the SLURM job array, or SEEDREG_NUM_TASKS)")
     p.add_argument("--ids", help="train exactly these model ids, e.g. 7 or 3,7 (retraining alone)")
     p.add_argument("--score", action="store_true", help="train nothing; print the LDS of the finished study")
     args = p.parse_args()
     torch.set_num_threads(1)
 
-    study = Study(args.root, master_seed=args.seed, num_models=args.models, num_examples=EXAMPLES, alpha=args.alpha,
-                  num_outputs=TARGETS, replicates=args.replicates)
+    study = open_study(args.root, args.seed, args.models, args.alpha, args.replicates)
     x, y, tx, ty = data()
-    train_set = torch.utils.data.TensorDataset(x, y)
     if not args.score:
         ids = [int(i) for i in args.ids.split(",")] if args.ids else study.models_for(args.task, args.num_tasks)
         for model_id in ids:
-            with study.run(model_id, redo=bool(args.ids)) as run:
-                margins = train_one(run, train_set, tx, ty, args.epochs)
-                run.save(margins)
-            print(f"model {model_id}: {int(run.mask.sum())} examples, mean margin {float(margins.mean()):+.4f}, "
-                  f"weights {run.session.results[0]['value']}", flush=True)
+            train_model(study, model_id, args.epochs, redo=bool(args.ids))
         return 0
     status = study.status()
     if status["missing"]:

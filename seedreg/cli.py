@@ -12,6 +12,7 @@ import pathlib
 import re
 import sys
 import tempfile
+import time
 from typing import Any, List, Optional, Sequence
 
 from ._version import __version__
@@ -149,6 +150,26 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Progress:
+    """``audit: 120,000 / 300,000 models (40%)`` on a terminal's stderr, redrawn at most 5 times a
+    second; nothing at all when stderr is a pipe or a log file."""
+
+    def __init__(self, what: str, stream: Any = None) -> None:
+        self.what, self.stream = what, stream or sys.stderr
+        self.on = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not self.on or (now - self._last < 0.2 and done < total):
+            return
+        self._last = now
+        self.stream.write(f"\r{self.what}: {done:,} / {total:,} models ({100 * done // max(total, 1)}%)")
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
 def _cmd_study(args: argparse.Namespace) -> int:
     from .study import Study
 
@@ -157,16 +178,19 @@ def _cmd_study(args: argparse.Namespace) -> int:
         st = study.status()
         _emit(f"study {args.root}: {st['done']} of {st['models']} models done, {st['missing']} missing")
         return 0
-    report = study.audit()
+    report = study.audit(progress=_Progress("audit"))
     _emit(f"study {args.root}: {report['completed']} of {report['models']} models complete")
     if report["missing"]:
         ids = report["missing"]
         shown = ", ".join(map(str, ids[:20])) + (f", ... ({len(ids)} in all)" if len(ids) > 20 else "")
         _emit(f"missing models: {shown}")
-    for line in report["problems"] + report["environment_differences"]:
+    lines = report["problems"] + report["environment_differences"]
+    for line in lines[:100]:
         _emit(f"  {line}")
+    if len(lines) > 100:
+        _emit(f"  ... and {len(lines) - 100:,} more (Study.open(root).audit() returns them all)")
     if args.write_manifest:
-        path = study.study_manifest().write(args.write_manifest)
+        path = study.study_manifest(progress=_Progress("manifest")).write(args.write_manifest)
         _emit(f"wrote the study manifest {path}")
     _emit("audit clean" if report["ok"] else "audit found problems")
     return 0 if report["ok"] else 1

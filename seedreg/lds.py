@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
 __all__ = ["lds_score"]
+
+CHUNK_BYTES = 16 << 20  # masks converted to float32 this many bytes at a time
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:
@@ -28,12 +30,26 @@ def _ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def lds_score(scores: Any, masks: Any, outputs: Any, *, replicates: int = 1) -> float:
+def _predictions(masks: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """``masks @ scores`` in float32, the masks converted a chunk of rows at a time."""
+    rows = max(1, CHUNK_BYTES // (4 * max(1, masks.shape[1])))
+    out = np.empty((masks.shape[0], scores.shape[1]), dtype=np.float32)
+    for start in range(0, masks.shape[0], rows):
+        out[start:start + rows] = masks[start:start + rows].astype(np.float32) @ scores
+    return out
+
+
+def lds_score(scores: Any, masks: Any, outputs: Any, *, replicates: int = 1, per_target: bool = False) -> Union[float, np.ndarray]:
     """The linear datamodeling score: predictions ``masks @ scores`` against the measured
     `outputs` (averaged over each group of `replicates` models sharing a mask), Spearman's rank
     correlation across models for each output, averaged over outputs (TRAK's definition).
 
-    `scores` is examples x outputs, `masks` models x examples, `outputs` models x outputs.
+    `scores` is examples x outputs, `masks` models x examples, `outputs` models x outputs. The
+    product is taken in float32, the masks converted a chunk at a time (memory: one chunk beyond
+    the predictions). NaN as TRAK and dattri give it (scipy's ``spearmanr`` per target): a target
+    whose predictions or outputs are constant, or hold a NaN, scores NaN, and the plain mean
+    over targets is then NaN; ``per_target=True`` returns the per-target array (take
+    ``np.nanmean`` of it to skip them).
 
     >>> rng = np.random.default_rng(0)
     >>> masks = rng.random((20, 10)) < 0.5
@@ -41,7 +57,7 @@ def lds_score(scores: Any, masks: Any, outputs: Any, *, replicates: int = 1) -> 
     >>> round(lds_score(scores, masks, masks @ scores), 6)
     1.0
     """
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float32)
     masks = np.asarray(masks)
     outputs = np.asarray(outputs, dtype=np.float64)
     if masks.ndim != 2 or scores.ndim != 2 or outputs.ndim != 2:
@@ -54,14 +70,24 @@ def lds_score(scores: Any, masks: Any, outputs: Any, *, replicates: int = 1) -> 
     if type(replicates) is not int or replicates < 1 or masks.shape[0] % replicates:
         raise ValueError(f"`replicates` must be an int >= 1 dividing the number of models ({masks.shape[0]}), got {replicates!r}.")
     groups = masks.shape[0] // replicates
-    masks = masks.reshape(groups, replicates, -1)[:, 0, :].astype(np.float64)
+    if replicates > 1:
+        for g in range(groups):
+            first = masks[g * replicates]
+            for k in range(1, replicates):
+                if not np.array_equal(masks[g * replicates + k], first):
+                    raise ValueError(
+                        f"`masks` rows {g * replicates} and {g * replicates + k} differ, but they are replicate group {g} "
+                        f"(replicates={replicates}): models of one group train on one mask. Check the order of the rows."
+                    )
+    predictions = _predictions(masks[::replicates], scores)
     outputs = outputs.reshape(groups, replicates, -1).mean(axis=1)
-    predictions = masks @ scores
-    a, b = _ranks(predictions), _ranks(outputs)
-    a -= a.mean(axis=0)
-    b -= b.mean(axis=0)
-    denom = np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rho = (a * b).sum(axis=0) / denom
-    return float(np.nanmean(rho))
-
+    rho = np.full(scores.shape[1], np.nan)
+    valid = np.isfinite(outputs).all(axis=0) & np.isfinite(predictions).all(axis=0)
+    if valid.any():
+        a, b = _ranks(predictions[:, valid]), _ranks(outputs[:, valid])
+        a -= a.mean(axis=0)
+        b -= b.mean(axis=0)
+        denom = np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rho[valid] = np.where(denom > 0, (a * b).sum(axis=0) / np.where(denom > 0, denom, 1.0), np.nan)
+    return rho if per_target else float(np.mean(rho))

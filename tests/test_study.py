@@ -26,6 +26,24 @@ def fill(study, ids=None, draw=True):
             run.save(model(x).detach())
 
 
+def forge(study, model_id, edit, reseal=True):
+    """Append a completion of `model_id` whose manifest `edit` changed, as a writer that follows the
+    format would (its own log and index, the next attempt): what only the audit's checks can catch."""
+    from seedreg.study.logs import make_record, outputs_digest
+
+    data = study.manifest_of(model_id).to_dict()
+    data.pop("checksum")
+    edit(data)
+    if reseal:
+        data["checksum"] = Manifest.from_dict(data).to_dict()["checksum"]
+    attempt = int(study._index.attempt[model_id]) + 1
+    line = (json.dumps({"model_id": model_id, "attempt": attempt, "manifest": data}) + "\n").encode()
+    name = f"forged-{model_id}-{attempt}"
+    (study.root / "tasks" / f"{name}.jsonl").write_bytes(line)
+    row = np.asarray(study.outputs()[model_id])
+    (study.root / "tasks" / f"{name}.idx").write_bytes(make_record(model_id, attempt, 0, line, outputs_digest(row)))
+
+
 class TestDefinition:
     def test_first_writes_later_ones_check(self, tmp_path):
         Study(tmp_path / "s", **DEF)
@@ -91,7 +109,7 @@ class TestModels:
         study = Study(tmp_path / "s", **DEF)
         other = Study(tmp_path / "s", **DEF)
         with study.run(3):
-            with pytest.raises(StudyError, match="being trained in this process"):
+            with pytest.raises(StudyError, match=r"study.run\(3\) while study.run\(3\) is active in this process"):
                 with other.run(3):
                     pass
         with other.run(3) as run:  # free again once the first let go
@@ -123,17 +141,8 @@ class TestAudit:
         masks[3, 0] = not masks[3, 0]
         masks.flush()
         del masks
-        # a task log whose model 4 manifest has another study master seed, resealed
-        (log,) = (root / "tasks").iterdir()
-        lines = log.read_text().splitlines()
-        entry = json.loads(lines[4])
-        assert entry["model_id"] == 4
-        data = entry["manifest"]
-        data.pop("checksum")
-        next(r for r in data["results"] if r["name"] == "study.master_seed")["value"] = 43
-        data["checksum"] = Manifest.from_dict(data).to_dict()["checksum"]
-        lines[4] = json.dumps({"model_id": 4, "manifest": data})
-        log.write_text("\n".join(lines) + "\n")
+        # model 4's manifest with another study master seed, resealed, in a record that follows the format
+        forge(study, 4, lambda data: next(r for r in data["results"] if r["name"] == "study.master_seed").update(value=43))
         problems = study.audit()["problems"]
         assert any("model 3" in p and "masks.npy row 3" in p for p in problems)
         assert any("model 4" in p and "study master seed 43" in p for p in problems)
