@@ -284,11 +284,11 @@ while True:
 
 @pytest.mark.slow
 def test_sigkill_during_repeated_dumps_leaves_a_whole_manifest(tmp_path):
-    """Killed at 12 moments in the middle of repeated dumps: the file always loads, old or new."""
+    """Killed at 6 moments in the middle of repeated dumps: the file always loads, old or new."""
     path = tmp_path / "m.json"
     env = child_env()
     kills = 0
-    for delay in (0.3, 0.45, 0.6, 0.75, 0.9, 1.05, 1.2, 1.35, 1.5, 1.65, 1.8, 2.0):
+    for delay in (0.3, 0.6, 0.9, 1.2, 1.5, 2.0):
         proc = subprocess.Popen([sys.executable, "-c", DUMPER, str(path)], env=env, stdout=subprocess.PIPE, text=True)
         proc.stdout.readline()  # one dump completed
         time.sleep(delay)
@@ -301,7 +301,7 @@ def test_sigkill_during_repeated_dumps_leaves_a_whole_manifest(tmp_path):
         assert len(leftovers) <= 1  # at most the killed writer's temporary file; the next dump removes it
         for p in leftovers:
             assert p.startswith(_temp_prefix(path)) and p.endswith(".tmp")
-    assert kills == 12
+    assert kills == 6
     SeedSession(1).dump(path)
     assert os.listdir(tmp_path) == ["m.json"]
 

@@ -190,12 +190,15 @@ def test_lds_score_equals_a_direct_computation():
 @pytest.mark.slow
 class TestAcrossProcesses:
     def test_four_concurrent_tasks_fill_a_study_and_model_7_retrains_alone(self, tmp_path):
+        """The four tasks of ``sbatch --array=1-4``, 1-based as users write it, each with the
+        variables SLURM sets (``models_for()`` reads them)."""
         script = ROOT / "examples" / "lds_study.py"
-        env = child_env()
         procs = [
-            subprocess.Popen([sys.executable, script, "--root", tmp_path / "s", "--task", str(k), "--num-tasks", "4", "--epochs", "2"],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for k in range(4)
+            subprocess.Popen([sys.executable, script, "--root", tmp_path / "s", "--epochs", "2"],
+                             env=child_env(SLURM_ARRAY_TASK_ID=str(k), SLURM_ARRAY_TASK_MIN="1", SLURM_ARRAY_TASK_MAX="4",
+                                           SLURM_ARRAY_TASK_STEP="1", SLURM_ARRAY_TASK_COUNT="4", SLURM_ARRAY_JOB_ID="77"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for k in range(1, 5)
         ]
         for p in procs:
             assert p.wait(240) == 0, p.stderr.read()

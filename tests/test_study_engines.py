@@ -1,4 +1,5 @@
-"""The engines users already run fill one study, byte for byte the study a local loop fills."""
+"""The engines users already run fill one study, byte for byte the study a local loop fills (the
+SLURM array, 1-based as written, is tests/test_study.py's four concurrent tasks)."""
 
 import pytest
 
@@ -39,23 +40,3 @@ def test_ray_tasks(tmp_path, local_study):
     assert "Ray trained 12 models" in out and "audit clean" in out
     same_study(tmp_path / "study", local_study)
 
-
-@pytest.mark.slow
-def test_slurm_array_as_written(tmp_path, local_study):
-    """``sbatch --array=1-4 examples/slurm/lds_array.sbatch``: 1-based, as users write it; each
-    task's environment is what SLURM sets."""
-    import subprocess
-    import sys
-
-    from .conftest import child_env
-
-    procs = []
-    for tid in range(1, 5):
-        env = child_env(SLURM_ARRAY_TASK_ID=str(tid), SLURM_ARRAY_TASK_MIN="1", SLURM_ARRAY_TASK_MAX="4",
-                        SLURM_ARRAY_TASK_STEP="1", SLURM_ARRAY_TASK_COUNT="4", SLURM_ARRAY_JOB_ID="77")
-        procs.append(subprocess.Popen([sys.executable, ROOT / "examples" / "lds_study.py", "--root", tmp_path / "study", "--epochs", EPOCHS],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-    same_study(tmp_path / "study", local_study)
