@@ -35,6 +35,7 @@ _WHERE = {
     "StudyRun": "study",
     "Use": "records",
     "derive_seed": "derive",
+    "find_nondeterminism": "nondeterminism",
     "lds_score": "lds",
     "make_subset_mask": "masks",
 }
@@ -87,6 +88,7 @@ __all__ = [
     "Use",
     "__version__",
     "derive_seed",
+    "find_nondeterminism",
     "fingerprint",
     "lds_score",
     "magic",
