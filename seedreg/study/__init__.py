@@ -15,7 +15,7 @@ Everything random about model i depends only on (study master seed, i): its mask
 models of one replicate group), its session's seeds, and every global draw inside ``study.run(i)``.
 
 The modules: ``definition`` (study.json and the arrays), ``logs`` (completion records and their
-index), ``locks``, ``core`` (:class:`Study`, :class:`StudyRun`) and ``audit``.
+index), ``locks``, ``core`` (:class:`Study`), ``run`` (:class:`StudyRun`) and ``audit``.
 """
 
 from ..lds import lds_score  # re-exported beside the study it scores
