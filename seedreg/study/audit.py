@@ -10,7 +10,6 @@ that agrees with the other models' on what bitwise equality needs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -24,7 +23,7 @@ from ..manifest import Manifest
 from ..masks import mask_digest
 from . import definition as defn
 from .definition import StudyError
-from .logs import open_regular, parse_line, pread_all
+from .logs import Lines, file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core import Study
@@ -32,43 +31,6 @@ if TYPE_CHECKING:  # pragma: no cover
 CHUNK_BYTES = 64 << 20  # rows read at once (masks and outputs together)
 SETTINGS = {"deterministic": True, "warn_only": True, "fill_uninitialized_memory": True}  # SeedSession's defaults
 Progress = Optional[Callable[[int, int], None]]
-
-
-class _Lines:
-    """Reads completion lines by offset (checked against the index's digest), a few logs open."""
-
-    def __init__(self, folder: Any, logs: List[str], log: np.ndarray, offset: np.ndarray, length: np.ndarray, line: np.ndarray) -> None:
-        self.folder, self.logs = folder, logs
-        self.log, self.offset, self.length, self.line = log, offset, length, line  # indexed by model id - base
-        self._fds: Dict[int, int] = {}
-
-    @classmethod
-    def of(cls, study: "Study") -> "_Lines":
-        idx = study._index
-        return cls(study.root / "tasks", idx.logs, idx.log, idx.offset, idx.length, idx.line)
-
-    def read(self, model_id: int, k: Optional[int] = None) -> Tuple[str, Dict[str, Any]]:
-        k = model_id if k is None else k
-        log = int(self.log[k])
-        where = f"tasks/{self.logs[log]}.jsonl at byte {int(self.offset[k])}"
-        if log not in self._fds:
-            if len(self._fds) >= 64:
-                os.close(self._fds.pop(next(iter(self._fds))))
-            self._fds[log] = open_regular(self.folder / f"{self.logs[log]}.jsonl")
-        data = pread_all(self._fds[log], int(self.length[k]), int(self.offset[k]))
-        if hashlib.sha256(data).digest()[:16] != bytes(self.line[k]):
-            raise StudyError(f"{where}: the completion line was changed or damaged after it was written; retrain the model (redo=True)")
-        entry = parse_line(data, where)
-        if entry["model_id"] != model_id:
-            raise StudyError(f"{where}: the line is model {entry['model_id']:.20}'s record, not model {model_id}'s")
-        if "checksum" not in entry["manifest"]:
-            raise StudyError(f"{where}: its manifest has no checksum (every manifest seedreg writes has one)")
-        return where, entry
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
 
 
 def _rows_per_chunk(study: "Study") -> int:
@@ -193,7 +155,7 @@ def _run_job(job: _Job) -> Tuple[List[int], List[str], Dict[Any, List[int]]]:
     d = job.definition
     masks = defn.read_rows(job.root / "masks.npy", job.offsets["masks.npy"], d["num_examples"], job.start, job.stop)
     outputs = defn.read_rows(job.root / "outputs.npy", job.offsets["outputs.npy"], d["num_outputs"], job.start, job.stop)
-    lines = _Lines(job.root / "tasks", job.logs, job.log, job.offset, job.length, job.line)
+    lines = Lines(job.root / "tasks", job.logs, job.log, job.offset, job.length, job.line)
     missing: List[int] = []
     problems: List[str] = []
     envs: Dict[Any, List[int]] = {}
@@ -236,7 +198,7 @@ def _typed(value: Any, kind: type, name: str) -> Any:
     return value
 
 
-def _check_model(job: _Job, lines: _Lines, model_id: int, k: int, stored_mask: np.ndarray, outputs: np.ndarray,
+def _check_model(job: _Job, lines: Lines, model_id: int, k: int, stored_mask: np.ndarray, outputs: np.ndarray,
                  derived: Dict[int, np.ndarray], problems: List[str]) -> Optional[Mapping[str, Any]]:
     """Append model `model_id`'s problems; return its manifest's environment (None if unreadable).
     The fields read are type-checked; the checksum must be present, and the manifest's integrity is
@@ -287,18 +249,10 @@ def _check_model(job: _Job, lines: _Lines, model_id: int, k: int, stored_mask: n
             path = job.root / "artifacts" / str(model_id) / str(attempt) / name[len("study.artifact."):]
             if not path.is_file():
                 found.append(f"its artifact {path.name!r} ({path}) is missing")
-            elif _sha256(path) != digest:
+            elif file_sha256(path) != digest:
                 found.append(f"its artifact {path.name!r} ({path}) changed since the run recorded it")
     problems.extend(f"{at} ({where}): {p}" for p in found)
     return m.environment
-
-
-def _sha256(path: Any) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
 
 
 def study_manifest(study: "Study", progress: Progress = None) -> Manifest:
@@ -327,7 +281,7 @@ def study_manifest(study: "Study", progress: Progress = None) -> Manifest:
                                      for k, v in study.definition.items() if k != "masks_digests"]
     results += [{"name": f"study.masks_digest.{s}-{e - 1}", "kind": "value", "value": dg} for s, e, dg in study.definition["masks_digests"]]
     environment: Mapping[str, Any] = {}
-    lines = _Lines.of(study)
+    lines = Lines.of(study)
     try:
         for model_id in index.completed().tolist():
             try:

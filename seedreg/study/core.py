@@ -15,7 +15,7 @@ from ..masks import check_mask_args
 from . import definition as defn
 from .definition import FIELDS, StudyError
 from .locks import Locks, only_run_in_process
-from .logs import Index, TaskLog, parse_line
+from .logs import Index, Lines, TaskLog
 from .run import StudyRun
 
 _MASTER_MAX = 2**32 - 1
@@ -170,10 +170,11 @@ class Study:
         index = self._refresh()
         if index.log[model_id] < 0:
             raise StudyError(f"model {model_id} is not complete; no task log holds its manifest.")
-        where, data = index.read_line(model_id)
-        entry = parse_line(data, where)
-        if entry["model_id"] != model_id:
-            raise StudyError(f"{where} is model {entry['model_id']}'s record, not model {model_id}'s; retrain model {model_id} (redo=True).")
+        lines = Lines.of(self)  # the one reader of completion lines (digest, parser, model id)
+        try:
+            _, entry = lines.read(model_id)
+        finally:
+            lines.close()
         return Manifest.from_dict(entry["manifest"])
 
     def artifact(self, model_id: int, name: str) -> pathlib.Path:

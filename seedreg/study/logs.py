@@ -89,6 +89,15 @@ def open_regular(path: pathlib.Path) -> int:
     return fd
 
 
+def file_sha256(path: Any) -> str:
+    """``sha256:`` and the hex digest of a file's bytes, read a megabyte at a time (artifacts)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
 def pread_all(fd: int, length: int, offset: int) -> bytes:
     parts, done = [], 0
     while done < length:
@@ -287,15 +296,39 @@ class Index:
     def completed(self) -> np.ndarray:
         return np.flatnonzero(self.log >= 0)
 
-    def read_line(self, model_id: int) -> Tuple[str, bytes]:
-        """(where, line bytes) of model `model_id`'s newest completion; StudyError if damaged."""
-        log = self.logs[self.log[model_id]]
-        where = f"tasks/{log}.jsonl at byte {int(self.offset[model_id])}"
-        fd = open_regular(self.folder / f"{log}.jsonl")
-        try:
-            data = pread_all(fd, int(self.length[model_id]), int(self.offset[model_id]))
-        finally:
+
+class Lines:
+    """Reads completion lines by offset (checked against the index's digest), a few logs open."""
+
+    def __init__(self, folder: Any, logs: List[str], log: np.ndarray, offset: np.ndarray, length: np.ndarray, line: np.ndarray) -> None:
+        self.folder, self.logs = folder, logs
+        self.log, self.offset, self.length, self.line = log, offset, length, line  # indexed by model id - base
+        self._fds: Dict[int, int] = {}
+
+    @classmethod
+    def of(cls, study: Any) -> "Lines":
+        idx = study._index
+        return cls(study.root / "tasks", idx.logs, idx.log, idx.offset, idx.length, idx.line)
+
+    def read(self, model_id: int, k: Optional[int] = None) -> Tuple[str, Dict[str, Any]]:
+        k = model_id if k is None else k
+        log = int(self.log[k])
+        where = f"tasks/{self.logs[log]}.jsonl at byte {int(self.offset[k])}"
+        if log not in self._fds:
+            if len(self._fds) >= 64:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            self._fds[log] = open_regular(self.folder / f"{self.logs[log]}.jsonl")
+        data = pread_all(self._fds[log], int(self.length[k]), int(self.offset[k]))
+        if hashlib.sha256(data).digest()[:16] != bytes(self.line[k]):
+            raise StudyError(f"{where}: the completion line was changed or damaged after it was written; retrain the model (redo=True)")
+        entry = parse_line(data, where)
+        if entry["model_id"] != model_id:
+            raise StudyError(f"{where}: the line is model {entry['model_id']:.20}'s record, not model {model_id}'s")
+        if "checksum" not in entry["manifest"]:
+            raise StudyError(f"{where}: its manifest has no checksum (every manifest seedreg writes has one)")
+        return where, entry
+
+    def close(self) -> None:
+        for fd in self._fds.values():
             os.close(fd)
-        if hashlib.sha256(data).digest()[:16] != bytes(self.line[model_id]):
-            raise StudyError(f"{where}: model {model_id}'s completion line was changed or damaged after it was written; retrain the model (redo=True).")
-        return where, data
+        self._fds.clear()

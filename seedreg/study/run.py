@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pathlib
 import re
@@ -12,7 +11,7 @@ import numpy as np
 
 from ..masks import mask_digest
 from .definition import StudyError
-from .logs import outputs_digest
+from .logs import file_sha256, outputs_digest
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core import Study
@@ -103,8 +102,4 @@ class StudyRun:
 def _file_digest(path: pathlib.Path, model_id: int, name: str) -> str:
     if not path.is_file():
         raise StudyError(f"artifact {name!r} of model {model_id} ({path}) was asked for but not written; write it before save().")
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
+    return file_sha256(path)
