@@ -8,6 +8,8 @@ channels_last), one fresh process per configuration:
 - ``benchmark``: ``cudnn.benchmark=True``, no deterministic mode (the plain-PyTorch baseline);
 - ``seedreg``: ``SeedSession.setup()`` defaults (``fill_uninitialized_memory=True``);
 - ``seedreg-nofill``: the same with ``fill_uninitialized_memory=False``;
+- ``seedreg-trace``: ``seedreg`` with ``session.trace(model)`` and ``trace.step`` after every
+  optimizer step (the trace's cost is its ratio to ``seedreg``);
 - ``seedreg`` again, to compare final weights bit for bit.
 
 Prints seconds per steady-state epoch (the first epoch is warm-up), the ratio to the baseline,
@@ -45,6 +47,8 @@ def run_config(config: str, epochs: int, examples: int) -> dict:
         session = SeedSession(0, fill_uninitialized_memory=(config != "seedreg-nofill")).setup()
         model = session.build_model(resnet9)
     model = model.cuda().to(memory_format=torch.channels_last)
+    trace = session.trace(model) if config == "seedreg-trace" and session is not None else None
+    step = 0
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, nesterov=True)
     g = torch.Generator(device="cuda")
     g.manual_seed(1)
@@ -62,6 +66,9 @@ def run_config(config: str, epochs: int, examples: int) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if trace is not None:
+                trace.step(step, loss=loss)
+            step += 1
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     steady = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
@@ -90,7 +97,7 @@ def main() -> int:
         print("benchmarks/gpu.py needs a CUDA device; none is visible.")
         return 0
     results = []
-    for config in ("benchmark", "seedreg", "seedreg-nofill", "seedreg"):
+    for config in ("benchmark", "seedreg", "seedreg-nofill", "seedreg-trace", "seedreg"):
         env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
         proc = subprocess.run(
             [sys.executable, __file__, "--config", config, "--epochs", str(args.epochs), "--examples", str(args.examples)],
@@ -101,9 +108,10 @@ def main() -> int:
     print(f"# {results[0]['gpu']}, torch {results[0]['torch']}, ResNet-9, {args.examples} examples, batch 512, bf16 autocast, channels_last")
     print("| settings | s / epoch | ratio | ops without a deterministic kernel |")
     print("| --- | --- | --- | --- |")
-    for r in results[:3]:
+    for r in results[:4]:
         print(f"| {r['config']} | {r['seconds_per_epoch']:.3f} | {r['seconds_per_epoch'] / base:.2f}x | {r['violations'] if r['violations'] is not None else '-'} |")
-    same = results[1]["fingerprint"] == results[3]["fingerprint"]
+    print(f"\ntrace every step: {results[3]['seconds_per_epoch'] / results[1]['seconds_per_epoch']:.3f}x the seedreg epoch (goal <= 1.02x)")
+    same = results[1]["fingerprint"] == results[4]["fingerprint"] == results[3]["fingerprint"]
     print(f"\ntwo deterministic runs, final weights bit for bit equal: {'yes' if same else 'NO'}")
     return 0 if same else 1
 

@@ -242,6 +242,66 @@ def bench_epoch(t: Table, q: bool) -> None:
     t.add("the same with seed_per_example=False", o, b, "<= 1.02x", o / b <= 1.02)
 
 
+def bench_trace(t: Table, q: bool) -> None:
+    """A step trace's cost: the demo's training (TinyCNN, ToyImages, batch 32, 2 workers, one CPU
+    thread) with ``trace.step(step, loss=loss)`` after each optimizer step, against the same
+    training without; then the bare step (no loader), where the trace's fixed cost shows most."""
+    rounds = 3 if q else 11
+    torch.set_num_threads(1)
+    ds = ToyImages(64 if q else 512)
+
+    def demo_epoch(every: Optional[int]) -> Callable[[], object]:
+        def run() -> None:
+            s = SeedSession(0)
+            model = s.build_model(TinyCNN)
+            opt = s.build_optimizer(torch.optim.SGD, model.parameters(), lr=0.05, momentum=0.9)
+            loader = s.build_dataloader(ds, batch_size=32, shuffle=True, num_workers=2)
+            trace = s.trace(model, every=every) if every else None
+            for step, (x, y) in enumerate(loader):
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                opt.step()
+                if trace is not None:
+                    trace.step(step, loss=loss)
+
+        return run
+
+    o, b = compare(demo_epoch(1), demo_epoch(None), 1, rounds)
+    t.add(f"trace every step: the demo's training ({len(ds)} examples, batch 32, 2 workers)", o, b, "<= 1.03x", o / b <= 1.03)
+    x = torch.stack([ds[i][0] for i in range(32)])
+    y = torch.tensor([int(ds[i][1]) for i in range(32)])
+
+    def bare(every: Optional[int], model_fn: Callable[[], torch.nn.Module] = TinyCNN, xb: torch.Tensor = x,
+             yb: torch.Tensor = y) -> Callable[[], object]:
+        s = SeedSession(0)
+        model = s.build_model(model_fn)
+        opt = s.build_optimizer(torch.optim.SGD, model.parameters(), lr=0.01, momentum=0.9)
+        trace = s.trace(model, every=every) if every else None
+        count = [0]
+
+        def step() -> None:
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            opt.step()
+            if trace is not None:
+                trace.step(count[0], loss=loss)
+            count[0] += 1
+
+        return step
+
+    number = 20 if q else 200
+    o, b = compare(bare(1), bare(None), number, rounds)
+    t.add("trace every step: the bare TinyCNN step (batch 32, no loader)", o, b, "<= 1.03x", o / b <= 1.03)
+    o, b = compare(bare(10), bare(None), number, rounds)
+    t.add("trace every 10th step: the same bare step", o, b, "<= 1.01x", o / b <= 1.01)
+    xr = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    yr = torch.arange(32) % 10
+    o, b = compare(bare(1, resnet9, xr, yr), bare(None, resnet9, xr, yr), 1 if q else 3, rounds)
+    t.add("trace every step: a ResNet-9 step (6.6M parameters, batch 32, CPU)", o, b, "<= 1.03x", o / b <= 1.03)
+
+
 def bench_state(t: Table, q: bool) -> None:
     n, r = (50, 3) if q else (1_000, 7)
     s = SeedSession(1)
@@ -568,6 +628,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         bench_study(t, args.quick, tmp, args.study_scale)
         bench_checkpoints(t, args.quick)
         bench_metagradient(t, args.quick)
+        bench_trace(t, args.quick)
         bench_epoch(t, args.quick)
     print()
     print(t.markdown())

@@ -145,6 +145,7 @@ class StepCheckpoints:
         self.saved: Dict[int, Any] = {}  # step -> state (memory) or None (on disk)
         self.peak_states = 0  # the most states held at once (checkpoints and a reverse pass's)
         self._extra_states: Dict[int, Dict[str, Any]] = {}  # the log schedule's bisection points
+        self._trace_offset: Optional[int] = None  # the session's trace number of step 0, once seen
 
     # -- states ----------------------------------------------------------------------------------
 
@@ -265,6 +266,9 @@ class StepCheckpoints:
         if type(step) is not int or step < 0:
             raise ValueError(f"`step` must be an int >= 0 (steps done), got {step!r}.")
         self.done = max(self.done, step)
+        trace = self._trace()
+        if trace is not None and step >= 1 and trace._last is not None:
+            self._trace_offset = trace._last - (step - 1)  # the loop traced step `step - 1` as trace._last
         if self.every is None:
             keep = step == 0
         else:
@@ -289,10 +293,18 @@ class StepCheckpoints:
             return raw[0], (raw[1] if len(raw) == 2 else raw[1:])
         return torch.tensor(loader.indices_at(step)[1], dtype=torch.long), raw
 
-    def _run(self, start: int, stop: int, step_fn: Callable[..., Any]) -> None:
+    def _trace(self) -> Any:
+        trace = getattr(self.session, "_trace", None)
+        return trace if trace is not None and trace.model is self.model else None
+
+    def _run(self, start: int, stop: int, step_fn: Callable[..., Any], *, check: bool = False) -> None:
+        trace = self._trace() if check and self._trace_offset is not None else None
         for s in range(start, stop):
             indices, batch = self._batch(s)
-            step_fn(s, indices, batch)
+            out = step_fn(s, indices, batch)
+            if trace is not None:  # a re-run step must reproduce the traced one bit for bit
+                loss = out if isinstance(out, (torch.Tensor, float)) and not isinstance(out, bool) else None
+                trace.check(s + self._trace_offset, loss=loss)
 
     def restore(self, step: int) -> int:
         """Restore the nearest checkpoint at or before `step`; return its step."""
@@ -309,16 +321,22 @@ class StepCheckpoints:
         if type(step) is not int or not 0 <= step <= self.done:
             raise ValueError(f"`step` must be an int in [0, {self.done}] ({self.done} steps run), got {step!r}.")
         start = self.restore(step)
-        self._run(start, step, step_fn)
+        self._run(start, step, step_fn, check=True)
         self.loader.seek(step)
         return start
 
     def replay(self, step: int, step_fn: Callable[..., Any]) -> int:
         """Re-run training up to and including step `step`: the whole state is then exactly as after
-        it, and the loader continues at step ``step + 1``. Returns the checkpoint's step."""
+        it, and the loader continues at step ``step + 1``. Returns the checkpoint's step.
+
+        When the session traces this model (``session.trace(model)``, ``trace.step`` after each
+        training step), every re-run step is checked against its trace (parameters, gradients, and
+        the loss if `step_fn` returns it): a replay that is not exact raises
+        :class:`~seedreg.ReplayMismatchError` naming the step and tensor, instead of corrupting
+        what is computed from it."""
         self._check_step(step)
         start = self.restore(step)
-        self._run(start, step + 1, step_fn)
+        self._run(start, step + 1, step_fn, check=True)
         self.loader.seek(step + 1)
         return start
 

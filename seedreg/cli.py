@@ -107,6 +107,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
     _emit(f"\nviolations ({len(m.violations)})")
     for v in m.violations:
         _emit(f"  {v['kind']}: {v['message']}")
+    if m.trace is not None:
+        _emit("\n" + _trace_summary(args.manifest, m.trace))
     if m.replay is not None:
         r = m.replay
         res = r.get("results") or {}
@@ -115,16 +117,52 @@ def _cmd_show(args: argparse.Namespace) -> int:
             f"mismatches {len(r.get('mismatches', []))}, results matched {len(res.get('matched', []))}, "
             f"mismatched {len(res.get('mismatched', []))}, missing {len(res.get('missing', []))}"
         )
+        if r.get("first_divergence"):
+            first = r["first_divergence"]
+            _emit(f"  first divergence: step {first['step']}, {first['tensor']}")
         for reason in r.get("reasons", []):
             _emit(f"  {reason}")
     return 0
+
+
+def _trace_summary(manifest_path: str, entry: Any) -> str:
+    """The trace a manifest names: its steps and tensors, and whether its file is there and intact."""
+    from .errors import ManifestError
+    from .tracefile import load_trace
+
+    steps = f"{entry['steps']} steps" + (f" ({entry['first_step']} to {entry['last_step']})" if entry["steps"] else "")
+    grads = "loss, gradients and parameters" if entry["grads"] else "loss and parameters"
+    try:
+        load_trace(manifest_path, entry)
+        state = "file checked"
+    except ManifestError as exc:
+        state = f"NOT USABLE: {exc}"
+    return (f"trace {entry['file']}: {steps}, every {entry['every']}, {entry['tensors']} tensors ({grads}), "
+            f"{entry['bytes']:,} bytes; {state}")
+
+
+def _trace_difference(a_path: str, a: Any, b_path: str, b: Any) -> List[str]:
+    """Where two traced runs first differ (the step and tensor), or why that cannot be said."""
+    from .tracefile import first_difference, load_trace
+
+    if a.trace is None and b.trace is None:
+        return []
+    if a.trace is None or b.trace is None:
+        return [f"trace: only the {'first' if b.trace is None else 'second'} manifest has a step trace"]
+    ta, tb = load_trace(a_path, a.trace), load_trace(b_path, b.trace)
+    first = first_difference(ta, tb)
+    if first is not None:
+        return [f"first diverging step: {first['step']}, tensor {first['tensor']} ({first['kind']})"]
+    if ta.steps.tolist() != tb.steps.tolist():
+        return [f"trace: the runs agree on the steps both traced, but traced {len(ta.steps)} and {len(tb.steps)} steps"]
+    return []
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
     from .manifest import Manifest
 
     a, b = Manifest.load(args.a), Manifest.load(args.b)
-    lines = a.diff(b)
+    lines = _trace_difference(args.a, a, args.b, b) + a.diff(b)
     if not lines:
         _emit("the manifests agree")
         return 0
@@ -220,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", help="the manifest file (written by SeedSession.dump)")
     p.add_argument("--json", action="store_true", help="print the validated manifest as JSON")
     p.set_defaults(fn=_cmd_show)
-    p = sub.add_parser("diff", help="what differs between two manifests; exit 1 if anything does")
+    p = sub.add_parser("diff", help="what differs between two manifests (and the first diverging step of their traces); exit 1 if anything does")
     p.add_argument("a", help="the first manifest file")
     p.add_argument("b", help="the second manifest file")
     p.set_defaults(fn=_cmd_diff)

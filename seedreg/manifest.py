@@ -112,6 +112,12 @@ def _results(data: Any, where: str) -> Tuple[Dict[str, Any], ...]:
     return tuple(out)
 
 
+def _trace_entry(entry: Any) -> Dict[str, Any]:
+    from .tracefile import check_entry
+
+    return check_entry(entry)
+
+
 _VERDICTS = ("bitwise", "diverged", "statistical")
 _REPLAY_LISTS = {"missing": dict, "new": dict, "mismatches": dict, "environment": dict, "reasons": str}
 _REPLAY_RESULTS = {"matched": str, "mismatched": dict, "missing": str, "new": str}
@@ -124,7 +130,7 @@ def _check_replay(replay: Any) -> None:
     if not isinstance(replay, Mapping):
         raise ManifestError(f"{where} must be an object or null.")
     check_json(replay, where)
-    known = {"master_seed", "scheme", "verdict", "results", *_REPLAY_LISTS}
+    known = {"master_seed", "scheme", "verdict", "results", "first_divergence", *_REPLAY_LISTS}
     if not set(replay) <= known or not {"verdict", "results", "reasons"} <= set(replay):
         raise ManifestError(f"{where} must be a replay report with the keys {sorted(known)} (verdict, results and reasons at least).")
     if replay["verdict"] not in _VERDICTS:
@@ -133,6 +139,11 @@ def _check_replay(replay: Any) -> None:
         value = replay.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
             raise ManifestError(f"{where}[{key!r}] must be a list of {kind.__name__}s.")
+    first = replay.get("first_divergence")
+    if first is not None and not (isinstance(first, Mapping) and set(first) == {"step", "tensor", "kind"}
+                                  and type(first["step"]) is int and isinstance(first["tensor"], str)
+                                  and first["kind"] in ("loss", "grad", "param")):
+        raise ManifestError(f"{where}['first_divergence'] must be null or {{'step': int, 'tensor': str, 'kind': 'loss'|'grad'|'param'}}.")
     results = replay["results"]
     if not isinstance(results, Mapping) or set(results) != set(_REPLAY_RESULTS):
         raise ManifestError(f"{where}['results'] must be an object with the keys {sorted(_REPLAY_RESULTS)}.")
@@ -235,6 +246,8 @@ class Manifest:
     ranks: Tuple[Tuple[SeedRecord, ...], ...] = attrs.field(default=(), converter=tuple)
     replay: Optional[Mapping[str, Any]] = None
     results: Tuple[Mapping[str, Any], ...] = attrs.field(default=(), converter=tuple)
+    #: The step trace written beside the manifest (file name, SHA-256, size, summary), or None.
+    trace: Optional[Mapping[str, Any]] = None
     seedreg_version: str = __version__
     #: The schema version the manifest was read from (1: seedreg 0.1.0); it is written as the current one.
     read_version: int = attrs.field(default=SCHEMA_VERSION, eq=False)
@@ -275,6 +288,7 @@ class Manifest:
             "ranks": [[to(r) for r in rank] for rank in self.ranks],
             "replay": None if self.replay is None else dict(self.replay),
             "results": [dict(r) for r in self.results],
+            **({} if self.trace is None else {"trace": dict(self.trace)}),  # absent without one: such files read as before
         }
 
     def to_dict(self) -> Dict[str, Any]:
@@ -318,6 +332,8 @@ class Manifest:
                 f"versions {list(READABLE_VERSIONS)}."
             )
         top = _TOP if version == SCHEMA_VERSION else _TOP_V1
+        if version == SCHEMA_VERSION and "trace" in data:
+            top = top | {"trace"}
         keys = set(data)
         if "checksum" in keys:
             if verify and data["checksum"] != checksum_of(data):
@@ -368,6 +384,7 @@ class Manifest:
             ranks=ranks,
             replay=replay,
             results=_results(data["results"], "manifest['results']") if version == SCHEMA_VERSION else (),
+            trace=_trace_entry(data["trace"]) if "trace" in data and version == SCHEMA_VERSION else None,
             seedreg_version=require(data, "seedreg_version", str, where),
             read_version=version,
         )

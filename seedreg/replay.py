@@ -85,6 +85,10 @@ class Replay:
         self.mismatches: List[Dict[str, Any]] = []
         self.results: Dict[str, Mapping[str, Any]] = {r["name"]: r for r in manifest.results}
         self.results_seen: Dict[str, Mapping[str, Any]] = {}
+        # the recorded step trace (TraceData), or why it cannot be read; the replay's own Trace
+        self.trace_expected: Any = None
+        self.trace_unavailable: Optional[str] = None
+        self.trace: Any = None
 
     # -- checks the registry makes ---------------------------------------------------------------
 
@@ -179,6 +183,37 @@ class Replay:
                 f"manifest recorded {_short(recorded['value'])}."
             )
 
+    def trace_diverged(self, first: Mapping[str, Any]) -> None:
+        """The replay's trace differs from the recorded one first at `first` (strict: raise now)."""
+        if self.strict:
+            raise ReplayMismatchError(
+                f"replay diverged: {self._environment_first()}at step {first['step']}, {first['tensor']} differs from "
+                f"the recorded trace (the first tensor that does, in the order loss, gradients, parameters)."
+            )
+
+    def _trace_reasons(self) -> List[str]:
+        recorded = self.manifest.trace
+        if recorded is None:
+            return []
+        if self.trace is None:
+            return [f"the recorded run traced {recorded['steps']} steps ({recorded['file']}) but this replay made no trace: "
+                    f"call session.trace(model, every={recorded['every']}) as the recorded run did"]
+        out = []
+        first = self.trace.first_divergence
+        if first is not None:
+            out.append(f"trace: step {first['step']} differs first, in {first['tensor']}")
+        expected = self.trace_expected
+        if expected is not None and len(expected.steps):
+            mine = self.trace.steps
+            missing = [s for s in expected.steps.tolist() if s > (mine[-1] if mine else -1)]
+            if missing:
+                out.append(f"trace: the recorded run traced up to step {int(expected.steps[-1])}, this replay "
+                           f"{'only to step ' + str(mine[-1]) if mine else 'no step'}")
+            extra = [s for s in mine if s > int(expected.steps[-1])]
+            if extra:
+                out.append(f"trace: this replay traced step {extra[0]}, past the recorded run's last ({int(expected.steps[-1])})")
+        return out
+
     # -- the report -------------------------------------------------------------------------------
 
     def report(self, issued: Iterable[Key], current_env: Mapping[str, Any], *, set_up: bool = True) -> Dict[str, Any]:
@@ -200,6 +235,7 @@ class Replay:
         diverged = [f"mismatch: {m['message']}" for m in self.mismatches]
         diverged += [f"result {m['name']!r}: {_short(m['current'])} != recorded {_short(m['recorded'])}" for m in mismatched]
         diverged += [f"result {name!r} was recorded by the original run but not by the replay" for name in results_missing]
+        diverged += self._trace_reasons()
         if not set_up and self.manifest.applied:  # the recorded run called setup(); this one did not
             statistical.insert(0, "setup() was never called on the replaying session: the global generators were not "
                                   "seeded and the deterministic settings not applied; call SeedSession.from_manifest(...).setup()")
@@ -211,6 +247,7 @@ class Replay:
             "new": [_key(k) for k in self.new],
             "mismatches": [dict(m) for m in self.mismatches],
             "results": {"matched": matched, "mismatched": mismatched, "missing": results_missing, "new": new},
+            "first_divergence": None if self.trace is None or self.trace.first_divergence is None else dict(self.trace.first_divergence),
             "environment": env,
             "verdict": verdict,
             "reasons": statistical + diverged,

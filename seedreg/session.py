@@ -28,12 +28,14 @@ from .derive import DEFAULT_SCHEME, InstanceId, check_instance_id, check_master_
 from .determinism import DeterminismSettings, ViolationLog, apply_settings, environment
 from .errors import ReplayMismatchError, SeedregError, SeedregWarning, StateError
 from .fingerprint import fingerprint, result_entry
-from .manifest import Manifest, PathLike
+from .manifest import Manifest, PathLike, atomic_write
 from .records import SeedRecord, record_from_dict, record_to_dict
 from .registry import Registry
 from .replay import Replay
 from .rng import Fork, capture_global, decode_global, restore_global, seed_globals
 from .sampler import DeterministicSampler, subset_indices
+from .trace import Trace
+from .tracefile import load_trace, trace_entry
 
 __all__ = ["SeedSession"]
 
@@ -163,6 +165,7 @@ class SeedSession:
         self._replay: Optional[Replay] = None
         self._results: Dict[str, Dict[str, Any]] = {}
         self._warned_setup = False
+        self._trace: Optional[Trace] = None
 
     def __repr__(self) -> str:
         return (
@@ -177,6 +180,7 @@ class SeedSession:
         state["_loaders"] = None
         state["_loaders_lock"] = None
         state["_violations"] = None
+        state["_trace"] = None  # it holds the model
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -338,6 +342,33 @@ class SeedSession:
     def results(self) -> List[Dict[str, Any]]:
         """Every result recorded so far, in order."""
         return [dict(r) for r in self._results.values()]
+
+    # -- step traces -------------------------------------------------------------------------------
+
+    def trace(self, model: torch.nn.Module, *, every: int = 1, grads: bool = True) -> Trace:
+        """A step trace of `model`: call ``trace.step(step, loss=loss)`` after each
+        ``optimizer.step()``. Every `every`-th step keeps an exact fingerprint of the loss, each
+        parameter and (with `grads`) each ``.grad``; :meth:`dump` writes them beside the manifest.
+        In a session made by :meth:`from_manifest` each step is compared as it is traced, and the
+        first difference is ``replay_report()["first_divergence"]`` (strict: it raises there).
+
+        >>> s = SeedSession(0)
+        >>> model = s.build_model(torch.nn.Linear, None, in_features=2, out_features=1)
+        >>> trace = s.trace(model)
+        >>> trace.step(0, loss=model(torch.ones(2)).sum())
+        True
+        """
+        if self._trace is not None:
+            raise SeedregError("this session already traces a model (one trace per session: use one session per run).")
+        replay = self._replay
+        if replay is not None and replay.trace_unavailable is not None:
+            raise SeedregError(replay.trace_unavailable)
+        expected = replay.trace_expected if replay is not None else None
+        self._trace = Trace(model, every=every, grads=grads, expected=expected,
+                            on_divergence=None if replay is None else replay.trace_diverged)
+        if replay is not None:
+            replay.trace = self._trace
+        return self._trace
 
     # -- builders ----------------------------------------------------------------------------------
 
@@ -590,6 +621,13 @@ class SeedSession:
         session._replay = Replay(manifest, expected, strict=strict, legacy=manifest.read_version < 2,
                                  environment=functools.partial(environment, session.world_size))
         session._registry.replay_against(session._replay)
+        if manifest.trace is not None:
+            if isinstance(source, Manifest):
+                session._replay.trace_unavailable = (
+                    f"the manifest has a step trace ({manifest.trace['file']}) but the session was made from a Manifest "
+                    f"object, which does not say where the trace lies: pass the manifest's path to from_manifest().")
+            else:
+                session._replay.trace_expected = load_trace(source, manifest.trace)
         return session
 
     def replay_report(self) -> Dict[str, Any]:
@@ -617,13 +655,20 @@ class SeedSession:
         )
 
     def dump(self, path: PathLike) -> pathlib.Path:
-        """Write the manifest atomically to `path` and return the path.
+        """Write the manifest atomically to `path` and return the path. A step trace (:meth:`trace`)
+        is written first, beside it, as `path` + ``.trace``, and named with its SHA-256 in the manifest.
 
         With world_size > 1 this is collective: every rank must call it; rank 0 gathers every
         rank's records and writes one manifest for the job (others return the same path).
         """
         path = pathlib.Path(path)
         manifest = self.manifest()
+        if self._trace is not None and self.rank == 0:  # after DDP's all-reduce every rank holds the same weights
+            data = self._trace.data()
+            payload = data.encode()
+            trace_path = path.with_name(path.name + ".trace")
+            atomic_write(trace_path, payload)
+            manifest = attrs.evolve(manifest, trace=trace_entry(trace_path.name, payload, data))
         if self.world_size == 1:
             return manifest.write(path)
         if not _dist.is_initialized():

@@ -76,3 +76,35 @@ def test_two_processes_bitwise_on_cuda(tmp_path):
     )
     a, b = (run_python(["-c", code]).stdout for _ in range(2))
     assert a == b and a.startswith("sha256:")
+
+
+def test_fingerprints_on_the_gpu_equal_those_of_the_same_bytes_on_the_cpu():
+    from seedreg.nondeterminism import checksums
+
+    g = torch.Generator().manual_seed(0)
+    cpu = [torch.randn(n, generator=g) for n in (1, 5, 70_000, 5_000_000)] + [torch.arange(7, dtype=torch.int16)]
+    gpu = [t.cuda() for t in cpu]
+    on_gpu = checksums(gpu)
+    assert on_gpu.device.type == "cuda"
+    assert on_gpu.cpu().tolist() == checksums(cpu).tolist()
+
+
+def test_a_traced_gpu_model_replays_with_no_divergence(tmp_path):
+    def run(session):
+        session.setup()
+        model = session.build_model(torch.nn.Linear, "m", in_features=64, out_features=8).cuda()
+        opt = session.build_optimizer(torch.optim.SGD, model.parameters(), "m", lr=0.1)
+        trace = session.trace(model)
+        gen = session.generator("data", device="cuda")
+        for step in range(5):
+            x = torch.randn(32, 64, device="cuda", generator=gen)
+            opt.zero_grad()
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            trace.step(step, loss=loss)
+        return session
+
+    path = run(SeedSession(3)).dump(tmp_path / "m.json")
+    report = run(SeedSession.from_manifest(path)).replay_report()
+    assert report["first_divergence"] is None and report["verdict"] == "bitwise", report["reasons"]

@@ -20,6 +20,13 @@ def check_manifest_name(manifest: Optional[str]) -> Optional[str]:
     return manifest
 
 
+def check_trace_every(every: Any) -> Optional[int]:
+    """`trace_every`: None (no trace) or an int >= 1."""
+    if every is not None and (type(every) is not int or every < 1):
+        raise ValueError(f"`trace_every` must be None (no trace) or an int >= 1 (trace every N-th optimizer step), got {every!r}.")
+    return every
+
+
 def check_session(session: Any) -> SeedSession:
     if not isinstance(session, SeedSession):
         raise TypeError(f"`session` must be a seedreg.SeedSession, got {type(session).__name__}.")

@@ -69,7 +69,7 @@ from ..data import SeededDataLoader
 from ..errors import SeedregError
 from ..session import SeedSession
 from ..streaming import SeededIterableLoader
-from ._common import carried_state, check_manifest_name, check_session, record_weights_once
+from ._common import carried_state, check_manifest_name, check_session, check_trace_every, record_weights_once
 
 __all__ = ["SeedregCallback"]
 
@@ -91,12 +91,18 @@ class SeedregCallback(pl.Callback):
         manifest: file name of the manifest written into the trainer's log directory at the end of
             fit (``None`` writes none).
         record_weights: record ``initial_weights`` and ``final_weights`` as results.
+        trace_every: trace every N-th optimizer step (``session.trace``; the step is
+            ``trainer.global_step``, the loss the training step's), written beside the manifest;
+            ``None`` traces nothing.
     """
 
-    def __init__(self, session: SeedSession, *, manifest: Optional[str] = "seedreg-manifest.json", record_weights: bool = True) -> None:
+    def __init__(self, session: SeedSession, *, manifest: Optional[str] = "seedreg-manifest.json", record_weights: bool = True,
+                 trace_every: Optional[int] = None) -> None:
         self.session = check_session(session).setup()
         self.manifest = check_manifest_name(manifest)
         self.record_weights = record_weights
+        self.trace_every = check_trace_every(trace_every)
+        self._trace_state: Optional[Mapping[str, Any]] = None
         self.manifest_path: Optional[pathlib.Path] = None
         self._resume: Optional[Tuple[Mapping[str, Any], List[Dict[str, Any]]]] = None
 
@@ -191,6 +197,8 @@ class SeedregCallback(pl.Callback):
             if "combined_loader" in fit:
                 fit["combined_loader"] = combined
         mine = {"rank": self.session.rank, "session": state, "results": self.session.results, "combined_loader": combined}
+        if self.trace_every is not None and self.session._trace is not None:
+            mine["trace"] = self.session._trace.state_dict()
         # Every rank runs this hook, only rank 0 writes the file: gather each rank's state into it
         ranks = [mine]
         if self.session.world_size > 1:
@@ -216,7 +224,12 @@ class SeedregCallback(pl.Callback):
             )
         mine = ranks[s.rank]
         # validated whole here, applied at on_train_start (once the loaders exist)
-        self._resume = carried_state(s, mine, f"checkpoint['seedreg']['ranks'][{s.rank}]")
+        self._resume = carried_state(s, {k: v for k, v in mine.items() if k != "trace"}, f"checkpoint['seedreg']['ranks'][{s.rank}]")
+        if self.trace_every is not None:
+            if "trace" not in mine:
+                raise SeedregError("this checkpoint was saved without a step trace (SeedregCallback without trace_every), so "
+                                   "the resumed run's trace would miss its first steps; resume without trace_every, or start afresh.")
+            self._trace_state = mine["trace"]
         # Lightning restores its copy of the training loaders' states (rank 0's) before our hook:
         # hand it this rank's
         fit = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
@@ -228,6 +241,28 @@ class SeedregCallback(pl.Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if self.record_weights and self._resume is None:
             record_weights_once(self.session, "initial_weights", pl_module)
+        if self.trace_every is not None:
+            trace = self.session._trace
+            if trace is None:
+                trace = self.session.trace(pl_module, every=self.trace_every)
+            elif trace.model is not pl_module:
+                raise SeedregError("the session already traces another model; trace_every traces the LightningModule being fit.")
+            if self._trace_state is not None:
+                state, self._trace_state = self._trace_state, None
+                trace.load_state_dict(state)
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        trace = self.session._trace
+        if self.trace_every is not None and trace is not None and (trainer.global_step + 1) % self.trace_every == 0:
+            trace._take_grads()  # the gradients of the step about to be taken, before anything clears them
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        trace = self.session._trace
+        step = trainer.global_step
+        if self.trace_every is None or trace is None or (trace._last is not None and step <= trace._last) or step == 0:
+            return  # no optimizer step since the last one traced (gradient accumulation)
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs if isinstance(outputs, torch.Tensor) else None
+        trace.step(step, loss=loss)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._seeded(_train_loaders(trainer))

@@ -38,6 +38,7 @@ Trainer's, and a checkpoint without ``seedreg_state.json``.
 
 from __future__ import annotations
 
+import io
 import json
 import pathlib
 from typing import Any, Dict, Optional
@@ -58,12 +59,13 @@ from ..errors import ManifestError, SeedregError, StateError
 from ..manifest import atomic_write, read_regular_file
 from ..rng import capture_raw, restore_raw
 from ..session import SeedSession
-from ._common import carried_state, check_manifest_name, check_session, record_weights_once
+from ._common import carried_state, check_manifest_name, check_session, check_trace_every, record_weights_once
 
-__all__ = ["SeedregTrainer", "STATE_FILE"]
+__all__ = ["SeedregTrainer", "STATE_FILE", "TRACE_FILE"]
 
 #: The file each checkpoint folder gets beside the Trainer's own.
 STATE_FILE = "seedreg_state.json"
+TRACE_FILE = "seedreg_trace.pt"
 _FORMAT = "seedreg-transformers"
 _MAX_STATE_BYTES = 1 << 30  # a session state is a few KiB a loader and ~200 bytes a seed
 
@@ -85,12 +87,16 @@ def _check_seeds(args: Any, session: SeedSession) -> None:
 class SeedregTrainer(transformers.Trainer):
     """A :class:`transformers.Trainer` seeded, checkpointed and resumed through `session`.
 
-    Takes the Trainer's arguments, plus `session` (keyword only) and `manifest` (the file name
-    written into ``args.output_dir`` when ``train()`` ends; ``None`` writes none).
+    Takes the Trainer's arguments, plus `session` (keyword only), `manifest` (the file name
+    written into ``args.output_dir`` when ``train()`` ends; ``None`` writes none) and
+    `trace_every` (trace every N-th optimizer step with ``session.trace``: the step is
+    ``state.global_step``, the loss that of the step's last micro-batch; ``None`` traces nothing).
     """
 
-    def __init__(self, *args: Any, session: SeedSession, manifest: Optional[str] = "seedreg-manifest.json", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, session: SeedSession, manifest: Optional[str] = "seedreg-manifest.json",
+                 trace_every: Optional[int] = None, **kwargs: Any) -> None:
         check_session(session)
+        trace_every = check_trace_every(trace_every)
         if not (hasattr(transformers.Trainer, "_run_epoch") and hasattr(_trainer_module, "skip_first_batches")):
             raise SeedregError(
                 f"SeedregTrainer needs transformers >= 5.24 (it resumes through Trainer._run_epoch); this is "
@@ -122,6 +128,11 @@ class SeedregTrainer(transformers.Trainer):
         self.manifest_path: Optional[pathlib.Path] = None
         self._seedreg_train_loader: Optional[SeededDataLoader] = None
         self._seedreg_checkpoint: Optional[str] = None
+        self.trace_every = trace_every
+        self._seedreg_loss: Any = None
+        self._seedreg_hooked: Any = None
+        if trace_every is not None:
+            self.add_callback(_TraceSteps(self))
 
     # -- loaders -----------------------------------------------------------------------------------
 
@@ -171,10 +182,56 @@ class SeedregTrainer(transformers.Trainer):
         s = self.session
         return pathlib.Path(checkpoint) / (STATE_FILE if s.world_size == 1 else f"seedreg_state_{s.rank}.json")
 
+    def _trace_file(self, checkpoint: str) -> pathlib.Path:
+        s = self.session
+        return pathlib.Path(checkpoint) / (TRACE_FILE if s.world_size == 1 else f"seedreg_trace_{s.rank}.pt")
+
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
         state = {"format": _FORMAT, "version": 1, "session": self.session.state_dict(), "results": self.session.results}
+        if self.trace_every is not None and self.session._trace is not None:
+            buffer = io.BytesIO()
+            torch.save(self.session._trace.state_dict(), buffer)
+            atomic_write(self._trace_file(output_dir), buffer.getvalue())
         atomic_write(self._state_file(output_dir), json.dumps(state).encode())
+
+    def _seedreg_resume_trace(self, checkpoint: str) -> None:
+        """The trace of the steps before the checkpoint, so that the resumed run's trace is whole."""
+        path = self._trace_file(checkpoint)
+        if not path.exists():
+            raise SeedregError(f"{path} does not exist: the checkpoint was saved without trace_every, so the resumed run's "
+                               f"trace would miss its first steps; resume without trace_every, or start afresh.")
+        try:
+            state = torch.load(io.BytesIO(read_regular_file(path, _MAX_STATE_BYTES)), weights_only=True)
+        except ManifestError as exc:
+            raise StateError(f"{path}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - whatever torch says of a damaged file
+            raise StateError(f"{path} cannot be loaded ({type(exc).__name__}); the checkpoint is damaged.") from None
+        self._seedreg_start_trace().load_state_dict(state)
+
+    def _seedreg_start_trace(self) -> Any:
+        trace = self.session._trace
+        if trace is None:
+            trace = self.session.trace(self.model, every=self.trace_every)
+        elif trace.model is not self.model:
+            raise SeedregError("the session already traces another model; trace_every traces the Trainer's model.")
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        if optimizer is not None and self._seedreg_hooked is not optimizer:
+            optimizer.register_step_pre_hook(self._seedreg_before_step)
+            self._seedreg_hooked = optimizer
+        return trace
+
+    def _seedreg_before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        trace = self.session._trace
+        if trace is not None and (self.state.global_step + 1) % self.trace_every == 0:
+            trace._take_grads()  # the Trainer clears .grad after the step, before on_step_end
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        loss = super().training_step(*args, **kwargs)
+        if self.trace_every is not None:
+            self._seedreg_start_trace()
+            self._seedreg_loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
+        return loss
 
     def _seedreg_resume(self) -> None:
         """Apply the resumed checkpoint's session state, once: registry, results, the position of
@@ -212,6 +269,8 @@ class SeedregTrainer(transformers.Trainer):
             raise StateError(f"{path} holds no position for the training loader; build the loaders as the run that saved it did.")
         s.load_state_dict({**state, "loaders": kept})
         s._adopt_results(results)
+        if self.trace_every is not None:
+            self._seedreg_resume_trace(checkpoint)
 
     def _load_rng_state(self, checkpoint: Optional[str]) -> None:
         # the session's state holds the generators (CUDA included) and the loaders' positions
@@ -256,3 +315,14 @@ class SeedregTrainer(transformers.Trainer):
             self.manifest_path = self.session.dump(pathlib.Path(self.args.output_dir) / self.manifest)
         return output
 
+
+class _TraceSteps(transformers.TrainerCallback):
+    """Traces each optimizer step once the Trainer has counted it."""
+
+    def __init__(self, trainer: SeedregTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        trace = self.trainer.session._trace
+        if trace is not None and (trace._last is None or state.global_step > trace._last):
+            trace.step(state.global_step, loss=self.trainer._seedreg_loss)

@@ -45,6 +45,7 @@ class KillAfter(TrainerCallback):
 def main() -> None:
     parser = arguments()
     parser.add_argument("--save-steps", type=int, default=5)
+    parser.add_argument("--trace-every", type=int, help="SeedregTrainer(trace_every=N)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     session = SeedSession.from_manifest(args.replay) if args.replay else SeedSession(2024)
@@ -59,13 +60,14 @@ def main() -> None:
     )
     callbacks = [KillAfter(args.kill_after)] if args.kill_after is not None else []
     trainer = Logged(model=model, args=training, train_dataset=ToyTokens(96), eval_dataset=ToyTokens(32), session=session,
-                     callbacks=callbacks)
+                     callbacks=callbacks, trace_every=args.trace_every)
     trainer.train(resume_from_checkpoint=args.resume)
     blob = weights_bytes(model)
     (args.out / "weights.bin").write_bytes(blob)
     result = {"global_step": trainer.state.global_step, "manifest": str(trainer.manifest_path)}
     if args.replay:
         result["verdict"] = session.replay_report()["verdict"]
+        result["first_divergence"] = session.replay_report()["first_divergence"]
     (args.out / "result.json").write_text(json.dumps(result))
 
 

@@ -86,11 +86,12 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=3)
     parser.add_argument("--save-at-end", help="trainer.save_checkpoint(PATH) after the fit")
     parser.add_argument("--then", default="", help="stages run after the fit, comma-separated: validate,test,predict")
+    parser.add_argument("--trace-every", type=int, help="SeedregCallback(trace_every=N)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     session = SeedSession.from_manifest(args.replay) if args.replay else SeedSession(2024)
-    callback = SeedregCallback(session)
+    callback = SeedregCallback(session, trace_every=args.trace_every)
     model = Module(session, args.workers, args.out)
     if not args.resume:  # a fresh fit (or a launch tried again) starts the log afresh
         model.log_file.unlink(missing_ok=True)
@@ -118,6 +119,7 @@ def main() -> None:
     result = {"manifest": str(callback.manifest_path), "global_step": trainer.global_step}
     if args.replay:
         result["verdict"] = session.replay_report()["verdict"]
+        result["first_divergence"] = session.replay_report()["first_divergence"]
     (args.out / ("result.json" if session.world_size == 1 else f"result-rank{session.rank}.json")).write_text(json.dumps(result))
 
 
