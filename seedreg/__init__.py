@@ -29,7 +29,7 @@ _WHERE = {
     "SeedregError": "errors",
     "SeedregWarning": "errors",
     "StateError": "errors",
-    "StepCheckpoints": "attribution",
+    "StepCheckpoints": "magic.checkpoints",
     "Study": "study",
     "StudyError": "study",
     "StudyRun": "study",

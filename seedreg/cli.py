@@ -110,17 +110,17 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if m.trace is not None:
         _emit("\n" + _trace_summary(args.manifest, m.trace))
     if m.replay is not None:
-        r = m.replay
-        res = r.get("results") or {}
+        rep: Any = m.replay
+        res = rep.get("results") or {}
         _emit(
-            f"\nreplay: verdict {r.get('verdict')}; missing {len(r.get('missing', []))}, new {len(r.get('new', []))}, "
-            f"mismatches {len(r.get('mismatches', []))}, results matched {len(res.get('matched', []))}, "
+            f"\nreplay: verdict {rep.get('verdict')}; missing {len(rep.get('missing', []))}, new {len(rep.get('new', []))}, "
+            f"mismatches {len(rep.get('mismatches', []))}, results matched {len(res.get('matched', []))}, "
             f"mismatched {len(res.get('mismatched', []))}, missing {len(res.get('missing', []))}"
         )
-        if r.get("first_divergence"):
-            first = r["first_divergence"]
+        if rep.get("first_divergence"):
+            first = rep["first_divergence"]
             _emit(f"  first divergence: step {first['step']}, {first['tensor']}")
-        for reason in r.get("reasons", []):
+        for reason in rep.get("reasons", []):
             _emit(f"  {reason}")
     return 0
 
@@ -258,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", help="the manifest file (written by SeedSession.dump)")
     p.add_argument("--json", action="store_true", help="print the validated manifest as JSON")
     p.set_defaults(fn=_cmd_show)
-    p = sub.add_parser("diff", help="what differs between two manifests (and the first diverging step of their traces); exit 1 if anything does")
+    p = sub.add_parser("diff", help="what differs between two manifests (and the first diverging step of their traces); exit 1 if anything does",
+                       description="What differs between two manifests, one line each. With step traces beside them, the first "
+                                   "diverging step and tensor comes first. Exit 1 if anything differs.")
     p.add_argument("a", help="the first manifest file")
     p.add_argument("b", help="the second manifest file")
     p.set_defaults(fn=_cmd_diff)

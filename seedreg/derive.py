@@ -182,7 +182,7 @@ def check_scheme(scheme: object) -> str:
             f"`scheme` must be one of {sorted(SCHEMES)}, got {scheme!r}; "
             f"use 'sha256-v2' for studies that issue many seeds."
         )
-    return scheme  # type: ignore[return-value]
+    return scheme
 
 
 def derive_seed(

@@ -49,6 +49,14 @@ class DeterminismSettings:
     def to_dict(self) -> Dict[str, bool]:
         return attrs.asdict(self)
 
+    @classmethod
+    def checked(cls, **flags: Any) -> "DeterminismSettings":
+        """The settings, each flag checked to be a bool (a clear TypeError naming it otherwise)."""
+        for name, value in flags.items():
+            if not isinstance(value, bool):
+                raise TypeError(f"`{name}` must be a bool, got {value!r} ({type(value).__name__}).")
+        return cls(**flags)
+
 
 class ViolationLog:
     """Nondeterminism that happened during a session: torch's warnings and late settings."""
@@ -80,7 +88,7 @@ _state: Dict[str, Any] = {}
 _previous_showwarning: Optional[Any] = None
 
 
-def _showwarning(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+def _showwarning(message, category, filename, lineno, file=None, line=None):
     text = str(message)
     if _NONDETERMINISTIC in text:
         for sink in list(_sinks):

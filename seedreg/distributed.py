@@ -37,7 +37,8 @@ def resolve_rank(rank: Optional[int], world_size: Optional[int]) -> Tuple[int, i
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise TypeError(f"`{name}` must be an int or None, got {value!r} ({type(value).__name__}).")
     if is_initialized():
-        group_rank, group_world = dist.get_rank(), dist.get_world_size()
+        group_rank: Optional[int] = dist.get_rank()
+        group_world: Optional[int] = dist.get_world_size()
     else:
         group_rank, group_world = _env_int("RANK"), _env_int("WORLD_SIZE")
     world = world_size if world_size is not None else (group_world if group_world is not None else 1)

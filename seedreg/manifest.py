@@ -12,19 +12,17 @@ import hashlib
 import json
 import os
 import pathlib
-import re
-import secrets
-import stat
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import attrs
 
 from ._version import __version__
+from .files import atomic_write, read_regular_file
 from .derive import SCHEMES, MASTER_SEED_MAX
-from .errors import ManifestError, ManifestWriteError
-from .records import SeedRecord, check_json, differences, record_line, record_to_dict, records_from_list, require
+from .errors import ManifestError
+from .records import SeedRecord, as_tuple, check_json, differences, record_to_dict, records_from_list, require
 
-__all__ = ["Manifest", "SCHEMA_VERSION", "FORMAT"]
+__all__ = ["Manifest", "SCHEMA_VERSION", "FORMAT", "atomic_write", "read_regular_file"]
 
 FORMAT = "seedreg-manifest"
 SCHEMA_VERSION = 2
@@ -37,194 +35,12 @@ _TOP_V1 = {
     "settings", "applied", "environment", "violations", "records", "ranks", "replay",
 }
 _TOP = _TOP_V1 | {"results"}
-_RESULT_KINDS = ("module", "state_dict", "tensor", "array", "value")
 PathLike = Union[str, "os.PathLike[str]"]
 
-_PRETTY = json.JSONEncoder(sort_keys=True, ensure_ascii=False, allow_nan=False, indent=2)
-_CHECKSUM_LINE = re.compile(r'^  "checksum": "(sha256:[0-9a-f]{64})",$')
-
-
-def _records_text(records: Any, indent: str) -> str:
-    if not isinstance(records, list):  # a damaged body: rendered as it is, so its checksum is still defined
-        return _PRETTY.encode(records).replace("\n", "\n" + indent)
-    if not records:
-        return "[]"
-    pad = indent + "  "
-    return "[\n" + ",\n".join([pad + record_line(r) for r in records]) + "\n" + indent + "]"
-
-
-def render(body: Mapping[str, Any]) -> str:
-    """The file text of `body` (without its checksum): keys sorted, one record per line, small
-    sections pretty-printed. Deterministic: the checksum is the SHA-256 of this text."""
-    parts = []
-    for key in sorted(k for k in body if k != "checksum"):
-        value = body[key]
-        if key == "records":
-            text = _records_text(value, "  ")
-        elif key == "ranks" and isinstance(value, list):
-            text = "[]" if not value else "[\n" + ",\n".join("    " + _records_text(r, "    ") for r in value) + "\n  ]"
-        else:
-            text = _PRETTY.encode(value).replace("\n", "\n  ")
-        parts.append(f"  {json.dumps(key)}: {text}")
-    return "{\n" + ",\n".join(parts) + "\n}\n"
-
-
-def _digest(text: str) -> str:
-    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def checksum_of(body: Mapping[str, Any]) -> str:
-    """The checksum a manifest carries: SHA-256 of its rendered text without the checksum line."""
-    try:
-        text = render(body)
-    except (TypeError, ValueError) as exc:
-        raise ManifestError(f"manifest holds something that is not JSON data: {exc}.") from None
-    return _digest(text)
-
-
-def _with_checksum(text: str) -> str:
-    """Rendered `text` with its checksum line inserted as line 2."""
-    return "{\n" + f'  "checksum": "{_digest(text)}",\n' + text[2:]
-
-
-def _results(data: Any, where: str) -> Tuple[Dict[str, Any], ...]:
-    if not isinstance(data, list):
-        raise ManifestError(f"{where} must be a list, got {type(data).__name__}.")
-    out, seen = [], set()
-    for i, r in enumerate(data):
-        w = f"{where}[{i}]"
-        if not isinstance(r, Mapping) or set(r) != {"name", "kind", "value"}:
-            raise ManifestError(f"{w} must be an object with exactly the keys ['kind', 'name', 'value'].")
-        name = require(r, "name", str, w)
-        if name in seen:
-            raise ManifestError(f"{where} lists result {name!r} twice.")
-        seen.add(name)
-        kind = require(r, "kind", str, w)
-        if kind not in _RESULT_KINDS:
-            raise ManifestError(f"{w}['kind'] must be one of {list(_RESULT_KINDS)}, got {kind!r:.80}.")
-        value = r["value"]
-        if kind != "value" and not isinstance(value, str):
-            raise ManifestError(f"{w}['value'] must be a fingerprint string for a {kind}, got {value!r:.80}.")
-        if not (value is None or isinstance(value, (bool, int, float, str))):
-            raise ManifestError(f"{w}['value'] must be a number, string, bool or null, got {type(value).__name__}.")
-        check_json(value, f"{w}['value']")
-        out.append({"name": name, "kind": kind, "value": value})
-    return tuple(out)
-
-
-def _trace_entry(entry: Any) -> Dict[str, Any]:
-    from .tracefile import check_entry
-
-    return check_entry(entry)
-
-
-_VERDICTS = ("bitwise", "diverged", "statistical")
-_REPLAY_LISTS = {"missing": dict, "new": dict, "mismatches": dict, "environment": dict, "reasons": str}
-_REPLAY_RESULTS = {"matched": str, "mismatched": dict, "missing": str, "new": str}
-
-
-def _check_replay(replay: Any) -> None:
-    """The replay section as ``SeedSession.replay_report()`` writes it: its keys, the verdict, and
-    the type of every list's items (so that ``seedreg show`` and readers can trust its shape)."""
-    where = "manifest['replay']"
-    if not isinstance(replay, Mapping):
-        raise ManifestError(f"{where} must be an object or null.")
-    check_json(replay, where)
-    known = {"master_seed", "scheme", "verdict", "results", "first_divergence", *_REPLAY_LISTS}
-    if not set(replay) <= known or not {"verdict", "results", "reasons"} <= set(replay):
-        raise ManifestError(f"{where} must be a replay report with the keys {sorted(known)} (verdict, results and reasons at least).")
-    if replay["verdict"] not in _VERDICTS:
-        raise ManifestError(f"{where}['verdict'] must be one of {list(_VERDICTS)}, got {replay['verdict']!r:.60}.")
-    for key, kind in _REPLAY_LISTS.items():
-        value = replay.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
-            raise ManifestError(f"{where}[{key!r}] must be a list of {kind.__name__}s.")
-    first = replay.get("first_divergence")
-    if first is not None and not (isinstance(first, Mapping) and set(first) == {"step", "tensor", "kind"}
-                                  and type(first["step"]) is int and isinstance(first["tensor"], str)
-                                  and first["kind"] in ("loss", "grad", "param")):
-        raise ManifestError(f"{where}['first_divergence'] must be null or {{'step': int, 'tensor': str, 'kind': 'loss'|'grad'|'param'}}.")
-    results = replay["results"]
-    if not isinstance(results, Mapping) or set(results) != set(_REPLAY_RESULTS):
-        raise ManifestError(f"{where}['results'] must be an object with the keys {sorted(_REPLAY_RESULTS)}.")
-    for key, kind in _REPLAY_RESULTS.items():
-        if not isinstance(results[key], list) or not all(isinstance(v, kind) for v in results[key]):
-            raise ManifestError(f"{where}['results'][{key!r}] must be a list of {kind.__name__}s.")
-
-
-#: Parsed JSON costs far more memory than its text when the text is mostly tiny containers
-#: (``[[],[],...]``: about 27 bytes a byte). seedreg's own layout stays well under this multiple.
-_MAX_PARSE_MULTIPLE = 16
-_DENSITY_CHECKED = 1 << 20
-
-
-def _check_density(text: str, where: str) -> None:
-    """Refuse, before parsing, text whose parse would take more than _MAX_PARSE_MULTIPLE times its
-    size (an estimate from its brackets, braces, quotes and commas): memory stays a small multiple
-    of the file whatever its layout."""
-    if len(text) < _DENSITY_CHECKED:
-        return
-    estimate = 72 * text.count("[") + 240 * text.count("{") + 25 * text.count('"') + 8 * text.count(",")
-    if estimate > _MAX_PARSE_MULTIPLE * len(text):
-        raise ManifestError(
-            f"{where} is laid out as no seedreg manifest is ({len(text):,} characters of mostly tiny JSON values, "
-            f"which would take about {estimate // len(text)} times their size to parse); it was not written by seedreg."
-        )
-
-
-def _refuse_constant(name: str) -> None:
-    raise ManifestError(f"manifest holds {name}, which JSON does not allow.")
-
-
-def _no_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise ManifestError(f"manifest has the key {dup!r:.60} twice in one object (JSON parsers disagree on which wins).")
-    return out
-
-
-def _loads(text: str) -> Any:
-    return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_no_duplicates)
-
-
-_RECORDS_OPEN = '\n  "records": [\n'
-_RECORDS_CLOSE = "\n  ]"
-
-
-def _split_records(body: str) -> Tuple[str, Optional[Tuple[int, int]]]:
-    """The body with its records block (as seedreg renders it) replaced by ``[]``, and where the
-    block's lines lie; ``(body, None)`` when the records are not laid out one per line."""
-    i = body.find(_RECORDS_OPEN)
-    if i < 0:
-        return body, None
-    start = i + len(_RECORDS_OPEN)
-    end = body.find(_RECORDS_CLOSE, start)
-    if end < 0:
-        return body, None
-    return body[:i] + '\n  "records": []' + body[end + len(_RECORDS_CLOSE) :], (start, end)
-
-
-def _record_lines(body: str, start: int, end: int, chunk: int = 2048) -> Any:
-    """The records of ``body[start:end]`` (one per line, commas between), parsed `chunk` lines at a
-    time: the JSON tree of all records never exists at once."""
-    pos = start
-    while pos < end:
-        stop = pos
-        for _ in range(chunk):
-            stop = body.find("\n", stop + 1, end)
-            if stop < 0:
-                stop = end
-                break
-        text = body[pos:stop]
-        _check_density(text, "manifest['records']")
-        if stop < end:
-            if not text.endswith(","):
-                raise ManifestError("manifest records are not one per line with commas between.")
-            text = text[:-1]
-        yield from _loads("[" + text + "]")
-        pos = stop + 1
+from .manifest_format import (  # noqa: E402 - after the constants it shares
+    _CHECKSUM_LINE, _check_density, _check_replay, _loads, _record_lines, _results, _split_records, _trace_entry,
+    _with_checksum, checksum_of, render,
+)
 
 
 def _freeze(value: Mapping[str, Any]) -> Dict[str, Any]:
@@ -237,15 +53,15 @@ class Manifest:
 
     master_seed: int
     scheme: str
-    records: Tuple[SeedRecord, ...] = attrs.field(converter=tuple)
+    records: Tuple[SeedRecord, ...] = attrs.field(converter=as_tuple)
     settings: Mapping[str, Any] = attrs.field(factory=dict, converter=_freeze)
     applied: Mapping[str, Any] = attrs.field(factory=dict, converter=_freeze)
     environment: Mapping[str, Any] = attrs.field(factory=dict, converter=_freeze)
-    violations: Tuple[Mapping[str, str], ...] = attrs.field(default=(), converter=tuple)
+    violations: Tuple[Mapping[str, str], ...] = attrs.field(default=(), converter=as_tuple)
     world_size: int = 1
-    ranks: Tuple[Tuple[SeedRecord, ...], ...] = attrs.field(default=(), converter=tuple)
+    ranks: Tuple[Tuple[SeedRecord, ...], ...] = attrs.field(default=(), converter=as_tuple)
     replay: Optional[Mapping[str, Any]] = None
-    results: Tuple[Mapping[str, Any], ...] = attrs.field(default=(), converter=tuple)
+    results: Tuple[Mapping[str, Any], ...] = attrs.field(default=(), converter=as_tuple)
     #: The step trace written beside the manifest (file name, SHA-256, size, summary), or None.
     trace: Optional[Mapping[str, Any]] = None
     seedreg_version: str = __version__
@@ -515,115 +331,3 @@ class Manifest:
                 if a.get(key) != b.get(key):
                     out.append(f"{section}.{key}: {a.get(key)!r} != {b.get(key)!r}")
         return out
-
-
-def read_regular_file(path: pathlib.Path, limit: int) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes; anything else is a ManifestError."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
-    except FileNotFoundError:
-        raise ManifestError("no manifest there: the file does not exist") from None
-    except IsADirectoryError:
-        raise ManifestError("is a directory, not a manifest file") from None
-    except OSError as exc:
-        raise ManifestError(f"cannot open it: {exc.strerror or exc}") from None
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise ManifestError("is a directory, not a manifest file")
-        if not stat.S_ISREG(info.st_mode):
-            raise ManifestError("is not a regular file (a pipe, socket or device); seedreg reads manifests from files only")
-        if info.st_size > limit:
-            raise ManifestError(f"is {info.st_size} bytes; a manifest is at most {limit}")
-        chunks, total = [], 0
-        while True:
-            chunk = os.read(fd, min(1 << 24, limit + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > limit:
-                raise ManifestError(f"grew past {limit} bytes while being read")
-        return b"".join(chunks)
-    except OSError as exc:
-        raise ManifestError(f"cannot read it: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-
-
-def _temp_prefix(path: pathlib.Path) -> str:
-    # short whatever the target's name (a 255-byte name still works), and the same for every
-    # writer of this target, so that a later dump finds the leftovers of a killed one
-    return "." + hashlib.sha256(path.name.encode("utf-8", "surrogatepass")).hexdigest()[:12] + "."
-
-
-def _remove_stale_temps(directory: pathlib.Path, prefix: str) -> None:
-    """Remove temporary files of this target left by writers that no longer run (a SIGKILL mid-dump)."""
-    try:
-        names = [n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(".tmp")]
-    except OSError:
-        return
-    for name in names:
-        try:
-            pid = int(name[len(prefix):].split(".", 1)[0])
-            os.kill(pid, 0)
-            continue  # its writer is alive (maybe another process dumping right now)
-        except ProcessLookupError:
-            pass
-        except (ValueError, PermissionError, OSError):
-            continue
-        try:
-            os.unlink(directory / name)
-        except OSError:
-            pass
-
-
-def atomic_write(path: pathlib.Path, payload: bytes) -> pathlib.Path:
-    """Write `payload` to `path` so that readers see the old file or the new one, never a mix.
-
-    Missing parent directories are created. A new file gets the usual permissions (0666 less the
-    umask); an existing file keeps its mode. Temporary files of this target left by a killed
-    writer are removed first.
-    """
-    directory = path.parent if str(path.parent) else pathlib.Path(".")
-    tmp_name = None
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        prefix = _temp_prefix(path)
-        _remove_stale_temps(directory, prefix)
-        try:
-            mode: Optional[int] = stat.S_IMODE(os.stat(path).st_mode)
-        except FileNotFoundError:
-            mode = None
-        tmp_name = str(directory / f"{prefix}{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
-        with os.fdopen(fd, "wb") as fh:
-            if mode is not None:
-                os.fchmod(fh.fileno(), mode)
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
-        try:
-            dir_fd = os.open(directory, os.O_RDONLY)
-        except OSError:  # pragma: no cover - platforms without directory fds
-            return path
-        try:
-            os.fsync(dir_fd)
-        except OSError:  # pragma: no cover
-            pass
-        finally:
-            os.close(dir_fd)
-        return path
-    except OSError as exc:
-        raise ManifestWriteError(
-            f"cannot write {path}: {exc.strerror or exc}; the previous file (if any) is untouched. "
-            f"Check that the directory is writable and has space."
-        ) from None
-    finally:
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass

@@ -33,14 +33,14 @@ def checksum(tensor: torch.Tensor) -> Fingerprint:
     t = tensor.detach()
     head = (str(t.dtype), tuple(t.shape))
     if t.numel() == 0:
-        return (*head, 0, 0)  # type: ignore[return-value]
+        return (*head, 0, 0)
     raw = t.contiguous().reshape(-1).view(torch.uint8)
     pad = (-raw.numel()) % 4
     if pad:
         raw = torch.cat([raw, raw.new_zeros(pad)])
     words = raw.view(torch.int32).to(torch.int64)
     weights = torch.arange(1, 2 * words.numel(), 2, device=words.device, dtype=torch.int64)
-    return (*head, int(words.sum()), int((words * weights).sum()))  # type: ignore[return-value]
+    return (*head, int(words.sum()), int((words * weights).sum()))
 
 
 _PLANS: Dict[Tuple[Tuple[torch.dtype, int, torch.device], ...], "_Plan"] = {}
@@ -91,7 +91,8 @@ def _large_sums(t: torch.Tensor) -> torch.Tensor:
     """(plain, weighted) of one large tensor, a chunk at a time through the scratch buffer."""
     words = _words(t)
     buffer, weights = _scratch(words.device)
-    plain = weighted = None
+    plain: Optional[torch.Tensor] = None
+    weighted: Optional[torch.Tensor] = None
     for start in range(0, words.numel(), _CHUNK):
         chunk = words[start : start + _CHUNK]
         n = chunk.numel()
@@ -100,8 +101,9 @@ def _large_sums(t: torch.Tensor) -> torch.Tensor:
         w = torch.dot(wide, weights[:n]) if wide.device.type == "cpu" else wide.mul_(weights[:n]).sum()
         # word `start + j` weighs 2(start + j) + 1 = (2j + 1) + 2 * start
         w = w + 2 * start * s
-        plain, weighted = (s, w) if plain is None else (plain + s, weighted + w)
-    return torch.stack([plain, weighted]).reshape(1, 2)  # type: ignore[list-item]
+        plain, weighted = (s, w) if plain is None or weighted is None else (plain + s, weighted + w)
+    assert plain is not None and weighted is not None  # a large tensor has at least one chunk
+    return torch.stack([plain, weighted]).reshape(1, 2)
 
 
 def _numpy_segments(words: np.ndarray, index: Tuple[np.ndarray, ...]) -> np.ndarray:
@@ -162,7 +164,7 @@ class _Plan:
         }
         if device.type == "cpu":
             total = len(index["weights"])
-            index["numpy"] = (*(index[k].numpy() for k in ("ends", "shift", "weights")),  # type: ignore[assignment]
+            index["numpy"] = (*(index[k].numpy() for k in ("ends", "shift", "weights")),
                               np.empty(total, dtype=np.int64), np.empty(total, dtype=np.int64))
         self.parts.append(("batch", (list(members), index)))
         order.extend(members)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import attrs
 
@@ -37,6 +37,11 @@ _KIND_SET = frozenset(KINDS)
 _MAX_DEPTH = 32
 _SEED_LIMIT = 1 << 64
 _ID_BOUND = 2**255
+
+
+def as_tuple(items: Iterable[Any]) -> Tuple[Any, ...]:
+    """attrs converter: any iterable to a tuple (typed, unlike the builtin, for type checkers)."""
+    return tuple(items)
 
 
 @attrs.frozen(kw_only=True)
@@ -64,7 +69,7 @@ class SeedRecord:
     seed: int
     kind: str
     uses: int = 1
-    log: Tuple[Use, ...] = attrs.field(default=(), converter=tuple)
+    log: Tuple[Use, ...] = attrs.field(default=(), converter=as_tuple)
 
     @property
     def key(self) -> Tuple[str, InstanceId]:
@@ -148,7 +153,7 @@ def record_line(r: Any) -> str:
         return _LINE.encode(r)
     if not (type(purpose) is str and type(kind) is str and type(seed) is int and type(uses) is int and (iid is None or type(iid) in (int, str))):
         return _LINE.encode({"purpose": purpose, "instance_id": iid, "seed": seed, "kind": kind, "uses": uses, "log": log})
-    text_id = "null" if iid is None else (str(iid) if type(iid) is int else _encode_str(iid))
+    text_id = "null" if iid is None else (str(iid) if isinstance(iid, int) else _encode_str(iid))
     text_log = "[]" if log == () or log == [] else _LINE.encode(log)
     return f'{{"instance_id": {text_id}, "kind": {_encode_str(kind)}, "log": {text_log}, "purpose": {_encode_str(purpose)}, "seed": {seed}, "uses": {uses}}}'
 

@@ -232,7 +232,7 @@ class Registry:
 
     def _seed_of(self, key: Key) -> int:
         value = self._memo[key]
-        return value.seed if type(value) is _Entry else value  # type: ignore[return-value,union-attr]
+        return value.seed if isinstance(value, _Entry) else value
 
     def _collision(self, key: Key, seed: int) -> SeedCollisionError:
         other = next(k for k in self._memo if self._seed_of(k) == seed)

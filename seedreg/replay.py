@@ -266,3 +266,42 @@ def _short(value: Any) -> str:
 def _ordinal(n: int) -> str:
     return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
+
+def open_replay(cls: Any, source: Any, *, strict: bool, rank: Optional[int], world_size: Optional[int]) -> Any:
+    """``SeedSession.from_manifest``: a session of class `cls` set up to replay `source`."""
+    import functools
+
+    from .determinism import environment
+    from .manifest import Manifest
+    from .tracefile import load_trace
+
+    manifest = source if isinstance(source, Manifest) else Manifest.load(source)
+    if not isinstance(strict, bool):
+        raise TypeError(f"`strict` must be a bool, got {strict!r}.")
+    settings = manifest.settings
+    session = cls(
+        manifest.master_seed,
+        scheme=manifest.scheme,
+        deterministic=settings["deterministic"],
+        warn_only=settings["warn_only"],
+        fill_uninitialized_memory=settings["fill_uninitialized_memory"],
+        rank=rank,
+        world_size=world_size,
+    )
+    if strict and session.world_size != manifest.world_size:
+        raise ReplayMismatchError(
+            f"the manifest was written by a run of world_size={manifest.world_size}, this process has "
+            f"world_size={session.world_size}; launch with the same number of ranks, or replay with strict=False."
+        )
+    expected = manifest.records_for_rank(session.rank) if manifest.world_size == session.world_size else manifest.records
+    session._replay = Replay(manifest, expected, strict=strict, legacy=manifest.read_version < 2,
+                             environment=functools.partial(environment, session.world_size))
+    session._registry.replay_against(session._replay)
+    if manifest.trace is not None:
+        if isinstance(source, Manifest):
+            session._replay.trace_unavailable = (
+                f"the manifest has a step trace ({manifest.trace['file']}) but the session was made from a Manifest "
+                f"object, which does not say where the trace lies: pass the manifest's path to from_manifest().")
+        else:
+            session._replay.trace_expected = load_trace(source, manifest.trace)
+    return session

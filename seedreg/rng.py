@@ -134,7 +134,7 @@ class Fork:
         if devices is None:
             devices = cuda_devices_in_use()
         if devices:
-            self._cuda = [(d, torch.cuda.get_rng_state(d)) for d in devices]
+            self._cuda: Optional[List[Tuple[int, torch.Tensor]]] = [(d, torch.cuda.get_rng_state(d)) for d in devices]
             for d in devices:
                 torch.cuda.default_generators[d].manual_seed(seed)
         else:

@@ -206,6 +206,8 @@ class SeededIterableLoader(DataLoader):
     again without ``set_epoch`` moves on to the next epoch.
     """
 
+    dataset: _Stream
+
     def __init__(
         self,
         dataset: Any,

@@ -17,11 +17,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from .errors import ManifestError, ReplayMismatchError, StateError
+from .errors import ManifestError, ReplayMismatchError, SeedregError, StateError
 from .nondeterminism import checksums
 from .tracefile import TraceData, _differs, _kind
 
-__all__ = ["Trace"]
+__all__ = ["Trace", "start_trace"]
 
 
 class Trace:
@@ -97,9 +97,8 @@ class Trace:
                 raise TypeError(f"`loss` must be a scalar tensor, a float or None, got {type(loss).__name__}.")
         p = len(self._params)
         if self.grads and grads is None:
-            there = [q.grad is not None for q in self._params]
-            tensors += [q.grad for q in self._params if q.grad is not None]  # type: ignore[misc]
-            grads = (np.array(there, dtype=bool), np.zeros((0, 2), dtype=np.int64))
+            tensors += [q.grad for q in self._params if q.grad is not None]
+            grads = (np.array([q.grad is not None for q in self._params], dtype=bool), np.zeros((0, 2), dtype=np.int64))
         tensors += self._params
         sums = checksums(tensors).cpu().numpy()
         if loss is not None:
@@ -133,7 +132,7 @@ class Trace:
             return
         there = np.array([q.grad is not None for q in self._params], dtype=bool)
         grads = [q.grad for q in self._params if q.grad is not None]
-        sums = checksums(grads).cpu().numpy() if grads else np.zeros((0, 2), dtype=np.int64)  # type: ignore[arg-type]
+        sums = checksums(grads).cpu().numpy() if grads else np.zeros((0, 2), dtype=np.int64)
         self._stashed = (there, sums if len(sums) else np.zeros((0, 2), dtype=np.int64))
 
     def step(self, step: int, *, loss: Any = None) -> bool:
@@ -256,3 +255,18 @@ class Trace:
             self.first_divergence = None
             for i in range(len(self._steps)):
                 self._compare(i)
+
+
+def start_trace(session: Any, model: torch.nn.Module, *, every: int, grads: bool) -> Trace:
+    """``SeedSession.trace``: the session's one trace, compared with the recorded one when replaying."""
+    if session._trace is not None:
+        raise SeedregError("this session already traces a model (one trace per session: use one session per run).")
+    replay = session._replay
+    if replay is not None and replay.trace_unavailable is not None:
+        raise SeedregError(replay.trace_unavailable)
+    expected = replay.trace_expected if replay is not None else None
+    session._trace = Trace(model, every=every, grads=grads, expected=expected,
+                           on_divergence=None if replay is None else replay.trace_diverged)
+    if replay is not None:
+        replay.trace = session._trace
+    return session._trace

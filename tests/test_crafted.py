@@ -184,7 +184,7 @@ class TestManifestFiles:
         assert Manifest.load(path).master_seed == 1
 
     def test_temp_files_of_a_killed_writer_are_cleaned(self, tmp_path):
-        from seedreg.manifest import _temp_prefix
+        from seedreg.files import _temp_prefix
 
         target = tmp_path / "m.json"
         dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, timeout=120).stdout.strip()

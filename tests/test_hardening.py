@@ -25,7 +25,8 @@ from seedreg import (
     fingerprint,
 )
 from seedreg.demo import TinyCNN, ToyImages
-from seedreg.manifest import _temp_prefix, _with_checksum, render
+from seedreg.files import _temp_prefix
+from seedreg.manifest import _with_checksum, render
 
 from .conftest import child_env, run_python
 

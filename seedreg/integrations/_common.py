@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import SeedregError, StateError
-from ..manifest import _results
+from ..manifest_format import _results
+from ..resume import check_state
 from ..session import SeedSession
 
 #: Results the integrations record where a run ends: never carried over from a checkpoint (a run
@@ -52,7 +53,7 @@ def carried_state(session: SeedSession, saved: Any, where: str) -> Tuple[Mapping
         if key not in saved:
             raise StateError(f"{where} is missing {key!r}; the checkpoint is damaged or was not written by seedreg.")
     try:
-        session._check_state(saved["session"])
+        check_state(session, saved["session"])
         results = list(_results(saved["results"], f"{where}['results']"))
     except RecursionError:
         raise StateError(f"{where} is nested too deeply to be a seedreg state; the checkpoint is damaged.") from None

@@ -200,7 +200,7 @@ class SeedregCallback(pl.Callback):
         if self.trace_every is not None and self.session._trace is not None:
             mine["trace"] = self.session._trace.state_dict()
         # Every rank runs this hook, only rank 0 writes the file: gather each rank's state into it
-        ranks = [mine]
+        ranks: List[Any] = [mine]
         if self.session.world_size > 1:
             ranks = [None] * self.session.world_size
             torch.distributed.all_gather_object(ranks, mine)

@@ -169,7 +169,8 @@ class SeedregTrainer(transformers.Trainer):
         if eval_dataset is None and self.eval_dataset is None:
             raise ValueError("Trainer: evaluation requires an eval_dataset.")
         name = eval_dataset if isinstance(eval_dataset, str) else None
-        dataset = self.eval_dataset[name] if name is not None else eval_dataset if eval_dataset is not None else self.eval_dataset
+        eval_sets: Any = self.eval_dataset
+        dataset = eval_sets[name] if name is not None else eval_dataset if eval_dataset is not None else self.eval_dataset
         return self._seeded_loader(dataset, "eval" if name is None else f"eval:{name}", "Evaluation", self.args.eval_batch_size,
                                    shuffle=False, drop_last=self.args.dataloader_drop_last)
 
@@ -212,6 +213,7 @@ class SeedregTrainer(transformers.Trainer):
     def _seedreg_start_trace(self) -> Any:
         trace = self.session._trace
         if trace is None:
+            assert self.model is not None and self.trace_every is not None
             trace = self.session.trace(self.model, every=self.trace_every)
         elif trace.model is not self.model:
             raise SeedregError("the session already traces another model; trace_every traces the Trainer's model.")
@@ -223,7 +225,7 @@ class SeedregTrainer(transformers.Trainer):
 
     def _seedreg_before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         trace = self.session._trace
-        if trace is not None and (self.state.global_step + 1) % self.trace_every == 0:
+        if trace is not None and self.trace_every is not None and (self.state.global_step + 1) % self.trace_every == 0:
             trace._take_grads()  # the Trainer clears .grad after the step, before on_step_end
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -293,8 +295,9 @@ class SeedregTrainer(transformers.Trainer):
             if loader is not self._seedreg_train_loader:
                 return original(loader, num_batches)
             self._seedreg_resume()
-            where = loader.sampler.position, loader.sampler.num_samples
-            expected = min(num_batches * (loader.batch_size or 1), where[1])
+            seeded: Any = loader
+            where = seeded.sampler.position, seeded.sampler.num_samples
+            expected = min(num_batches * (seeded.batch_size or 1), where[1])
             if where[0] != expected:
                 raise StateError(
                     f"the checkpoint's training loader stands at sample {where[0]} of its epoch but the Trainer resumes after "
@@ -312,7 +315,7 @@ class SeedregTrainer(transformers.Trainer):
         output = super().train(*args, **kwargs)
         record_weights_once(self.session, "final_weights", self.model)
         if self.manifest is not None:
-            self.manifest_path = self.session.dump(pathlib.Path(self.args.output_dir) / self.manifest)
+            self.manifest_path = self.session.dump(pathlib.Path(str(self.args.output_dir)) / self.manifest)
         return output
 
 

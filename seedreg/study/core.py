@@ -32,6 +32,16 @@ class Study:
     ``"posix"`` record locks, or ``"lockfile"`` where the file system refuses them.
     """
 
+    # the definition's fields (study.json), set from it on every open
+    master_seed: int
+    num_models: int
+    num_examples: int
+    num_outputs: int
+    alpha: Optional[float]
+    mode: str
+    replicates: int
+    scheme: str
+
     def __init__(
         self,
         root: PathLike,

@@ -1,172 +1,22 @@
-"""MAGIC in a few lines: the metagradient of a target through a whole training run.
-
-MAGIC (Ilyas & Engstrom, 2025) attributes a model's behaviour to its training data by
-differentiating a target (a loss on a test example, say) through the whole, deterministic training
-run with respect to a weight per training example: the REPLAY algorithm of "Optimizing ML Training
-with Metagradient Descent" (Engstrom et al., 2025). :func:`metagradient` trains, keeping
-checkpoints on a schedule (:class:`~seedreg.StepCheckpoints`), then walks the steps backwards,
-restoring the exact state before each one (parameters, buffers, optimizer state, random
-generators) and pulling the adjoint through it::
-
-    session = SeedSession(0).setup()
-    model = session.build_model(MLP, "model").double()
-    loader = session.build_dataloader(train, "train", batch_size=32, shuffle=True)
-    result = magic.metagradient(model, loader, magic.SGD(0.1, momentum=0.9), epochs=4,
-                                loss=lambda out, y: F.cross_entropy(out, y, reduction="none"),
-                                target=lambda f: F.cross_entropy(f(x_test), y_test))
-    result.grad      # d target / d w_i at w = 1, one per training example
-
-A batch's training loss is ``mean(w[indices] * loss(model(x), y))``. The optimizer steps here are
-functional and differentiable, with the forward math of torch.optim's, and finite metagradients
-where a gradient or a second moment is exactly zero. BatchNorm's running statistics are part of
-the differentiated state (a target evaluated in eval mode depends on them), and dropout or any
-other global random draw inside the forward pass is replayed exactly.
-"""
+"""The metagradient itself: train with checkpoints, then walk the steps backwards pulling the
+adjoint through each exactly replayed step (see :mod:`seedreg.magic`)."""
 
 from __future__ import annotations
 
 import functools
-import math
 import sys
 import time
-from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Tuple, Union
 
 import attrs
 import torch
 from torch.func import functional_call
 
-from .attribution import SCHEDULES, StepCheckpoints
-from .errors import SeedregError
+from ..errors import SeedregError
+from .checkpoints import SCHEDULES, StepCheckpoints
+from .optimizers import _OPTIMIZERS, AdamW, SGD
 
-__all__ = ["AdamW", "MetagradientResult", "SGD", "metagradient"]
-
-LR = Union[float, Callable[[int], float]]
-
-
-def _lr_at(lr: LR, step: int) -> float:
-    value = lr(step) if callable(lr) else lr
-    if isinstance(value, torch.Tensor):
-        value = value.item()
-    return float(value)
-
-
-def _check_lr(lr: Any) -> LR:
-    if callable(lr):
-        return lr
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"`lr` must be a finite float >= 0 or a callable step -> lr, got {lr!r}.")
-    return float(lr)
-
-
-def _check_coefficient(name: str, value: Any, low: float = 0.0, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high or math.isnan(value):
-        raise ValueError(f"`{name}` must be a float in [{low}, {high}], got {value!r}.")
-    return float(value)
-
-
-class SGD:
-    """torch.optim.SGD as a differentiable function of (parameters, gradients, state).
-
-    The same math as ``torch.optim.SGD(params, lr, momentum, dampening, weight_decay, nesterov)``:
-    the momentum buffer starts as the first step's gradient. `lr` is a float or a callable
-    ``step -> lr`` (the step counted from 0).
-
-    >>> import torch
-    >>> sgd = SGD(0.1, momentum=0.9)
-    >>> p, g = [torch.tensor([1.0], dtype=torch.float64)], [torch.tensor([0.5], dtype=torch.float64)]
-    >>> state = sgd.init(p)
-    >>> p, state = sgd.step(p, g, state, 0)          # the buffer starts as the gradient
-    >>> p, state = sgd.step(p, g, state, 1)          # buffer 0.9 * 0.5 + 0.5 = 0.95
-    >>> round(p[0].item(), 6), round(state[0].item(), 6)
-    (0.855, 0.95)
-    """
-
-    def __init__(self, lr: LR, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False) -> None:
-        self.lr = _check_lr(lr)
-        self.momentum = _check_coefficient("momentum", momentum)
-        self.dampening = _check_coefficient("dampening", dampening)
-        self.weight_decay = _check_coefficient("weight_decay", weight_decay)
-        if not isinstance(nesterov, bool):
-            raise TypeError(f"`nesterov` must be a bool, got {nesterov!r}.")
-        if nesterov and (self.momentum <= 0 or self.dampening != 0):
-            raise ValueError("nesterov=True needs momentum > 0 and dampening 0 (as torch.optim.SGD).")
-        self.nesterov = nesterov
-
-    def __repr__(self) -> str:
-        return (f"SGD(lr={self.lr!r}, momentum={self.momentum}, dampening={self.dampening}, "
-                f"weight_decay={self.weight_decay}, nesterov={self.nesterov})")
-
-    def init(self, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """The state before the first step: a momentum buffer per parameter (unused at step 0)."""
-        return [torch.zeros_like(p) for p in params] if self.momentum else []
-
-    def step(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: Sequence[torch.Tensor],
-             step: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """(new parameters, new state) after step `step`; differentiable in all of its tensors."""
-        lr = _lr_at(self.lr, step)
-        new_params, new_state = [], []
-        for i, (p, g) in enumerate(zip(params, grads)):
-            d = g + self.weight_decay * p if self.weight_decay else g
-            if self.momentum:
-                buf = d if step == 0 else state[i] * self.momentum + d * (1 - self.dampening)
-                new_state.append(buf)
-                d = d + self.momentum * buf if self.nesterov else buf
-            new_params.append(p - lr * d)
-        return new_params, new_state
-
-
-def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """sqrt with the same values, and derivative 0 (not infinity) where x is exactly 0."""
-    positive = x > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
-
-
-class AdamW:
-    """torch.optim.AdamW as a differentiable function of (parameters, gradients, state).
-
-    The same math as ``torch.optim.AdamW(params, lr, betas, eps, weight_decay)`` (decoupled weight
-    decay, bias correction). The square root of the second moment has derivative 0 where the
-    moment is exactly 0, so a parameter whose gradient is always zero gives finite (zero)
-    metagradients instead of NaN.
-    """
-
-    def __init__(self, lr: LR, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01) -> None:
-        self.lr = _check_lr(lr)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"`betas` must be a pair (beta1, beta2), got {betas!r}.")
-        self.betas = (_check_coefficient("betas[0]", betas[0], 0.0, 1.0), _check_coefficient("betas[1]", betas[1], 0.0, 1.0))
-        self.eps = _check_coefficient("eps", eps)
-        self.weight_decay = _check_coefficient("weight_decay", weight_decay)
-
-    def __repr__(self) -> str:
-        return f"AdamW(lr={self.lr!r}, betas={self.betas}, eps={self.eps}, weight_decay={self.weight_decay})"
-
-    def init(self, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """The state before the first step: first and second moments per parameter."""
-        return [torch.zeros_like(p) for p in params] + [torch.zeros_like(p) for p in params]
-
-    def step(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], state: Sequence[torch.Tensor],
-             step: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """(new parameters, new state) after step `step` (counted from 0); differentiable."""
-        lr = _lr_at(self.lr, step)
-        beta1, beta2 = self.betas
-        n = len(params)
-        t = step + 1
-        bias1 = 1 - beta1**t
-        bias2_sqrt = (1 - beta2**t) ** 0.5
-        new_params, firsts, seconds = [], [], []
-        for p, g, m, v in zip(params, grads, state[:n], state[n:]):
-            p = p * (1 - lr * self.weight_decay)
-            m = m + (1 - beta1) * (g - m)  # torch's lerp(m, g, 1 - beta1) for weights below 0.5
-            v = v * beta2 + (1 - beta2) * g * g
-            denom = _safe_sqrt(v) / bias2_sqrt + self.eps
-            new_params.append(p - (lr / bias1) * m / denom)
-            firsts.append(m)
-            seconds.append(v)
-        return new_params, firsts + seconds
-
-
-_OPTIMIZERS = (SGD, AdamW)
+__all__ = ["MetagradientResult", "metagradient"]
 
 
 @attrs.frozen
@@ -273,9 +123,9 @@ class _Stepper:
         x, y = batch
         with torch.enable_grad():
             loss = self._batch_loss(self.model(x), y, indices, self.weights.detach())
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+            raw = torch.autograd.grad(loss, self.params, allow_unused=True)
         with torch.no_grad():
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, raw)]
             new_params, new_state = self.optimizer.step([p.detach() for p in self.params], grads, self.opt_state, step)
             for p, new in zip(self.params, new_params):
                 p.copy_(new)
@@ -293,8 +143,8 @@ class _Stepper:
         with torch.enable_grad():
             out, new_stats = self._forward(params, stats, x)
             loss = self._batch_loss(out, y, indices, weights)
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads)]
+            raw = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), raw)]
             new_params, new_state = self.optimizer.step(list(params.values()), grads, opt_state, step)
             adjoint.pull(new_params, [new_stats.get(n, stats[n]) for n in self.stat_names], new_state,
                          list(params.values()), [stats[n] for n in self.stat_names], opt_state, weights)
@@ -314,8 +164,8 @@ class _Adjoint:
         adjoints = [*self.params, *self.stats, *self.opt_state]
         pairs = [(o, a) for o, a in zip(outputs, adjoints) if o.requires_grad]
         inputs = [*params, *stats, *opt_state, weights]
-        grads = torch.autograd.grad([o for o, _ in pairs], inputs, grad_outputs=[a for _, a in pairs], allow_unused=True)
-        grads = [torch.zeros_like(i) if g is None else g.detach() for i, g in zip(inputs, grads)]
+        raw = torch.autograd.grad([o for o, _ in pairs], inputs, grad_outputs=[a for _, a in pairs], allow_unused=True)
+        grads = [torch.zeros_like(i) if g is None else g.detach() for i, g in zip(inputs, raw)]
         k, s = len(params), len(stats)
         self.params, self.stats, self.opt_state = grads[:k], grads[k : k + s], grads[k + s : -1]
         self.grad += grads[-1]
@@ -362,7 +212,7 @@ class _Checkpoints(StepCheckpoints):
 
 
 def _check_loader(loader: Any) -> Any:
-    from .data import SeededDataLoader
+    from ..data import SeededDataLoader
 
     if not isinstance(loader, SeededDataLoader):
         raise SeedregError(
@@ -497,10 +347,10 @@ def metagradient(
             if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
                 raise SeedregError(f"`target(f)` must return a scalar floating-point tensor, got {value!r:.80}.")
             inputs = [*final.values(), *stats.values()]
-            grads = torch.autograd.grad(value.reshape(()), inputs, allow_unused=True)
+            raw = torch.autograd.grad(value.reshape(()), inputs, allow_unused=True)
     finally:
         model.train()
-    grads = [torch.zeros_like(i) if g is None else g.detach() for i, g in zip(inputs, grads)]
+    grads = [torch.zeros_like(i) if g is None else g.detach() for i, g in zip(inputs, raw)]
     k = len(final)  # `stats` follows stepper.stat_names (both in named_buffers() order)
     adjoint = _Adjoint(grads[:k], grads[k:], [torch.zeros_like(s) for s in stepper.opt_state], weights)
     trained = {k2: v.detach().clone() for k2, v in model.state_dict().items()}

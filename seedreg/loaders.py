@@ -1,0 +1,263 @@
+"""The loader book: the DataLoaders a session built and the program still holds.
+
+It builds them (validating every argument, recording each as a use of its key), holds them
+weakly (a loader the program dropped is freed and leaves the state), gives their positions for
+``state_dict``, matches saved positions to live loaders on load (by instance id and use), and
+holds the global generators of a loaded state until the next batch is drawn.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .builders import warn_not_set_up
+from .data import STREAMS, SeededDataLoader
+from .derive import InstanceId, check_instance_id
+from .errors import SeedregError, StateError
+from .masks import mask_digest
+from .rng import restore_global
+from .sampler import DeterministicSampler, subset_indices
+from .streaming import SeededIterableLoader, check_iterable_args
+
+if TYPE_CHECKING:
+    from .session import SeedSession
+
+__all__ = ["LoaderBook"]
+
+STATE_VERSION = 2
+_REFUSED_LOADER_ARGS = {
+    "sampler": "the session supplies a DeterministicSampler; pass shuffle= and subset= instead",
+    "batch_sampler": "the session batches its own sampler; pass batch_size= and drop_last= instead",
+    "generator": "the session supplies a generator seeded from the loader's seed",
+}
+
+
+def check_loader_identity(loader_state: Any, i: int, version: int) -> None:
+    """Entry `i` of a state's loaders names a loader: an instance id (None, str or int) and, from
+    version 2 on, a use (an int >= 1)."""
+    if not isinstance(loader_state, Mapping) or "instance_id" not in loader_state:
+        raise StateError(f"`state['loaders'][{i}]` must be a loader state with an 'instance_id'.")
+    iid = loader_state["instance_id"]
+    if not (iid is None or type(iid) in (str, int)):
+        raise StateError(f"`state['loaders'][{i}]['instance_id']` must be None, a str or an int, got {iid!r:.40}.")
+    use = loader_state.get("use")
+    if version != 1 and (type(use) is not int or use < 1):
+        raise StateError(f"`state['loaders'][{i}]['use']` must be an int >= 1, got {use!r:.40}.")
+
+
+class LoaderBook:
+    """The loaders of one session (see the module's docstring)."""
+
+    def __init__(self, session: "SeedSession") -> None:
+        self.session = session
+        # Held weakly: a loader the program dropped is freed and leaves state_dict().
+        self._loaders: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()  # a thread building a loader while another takes state_dict()
+        self._built = 0
+        #: a loaded state's global generators (decoded, as saved), put back before the next batch
+        self.pending_rng: Optional[Tuple[Dict[str, Any], Dict[str, Any]]] = None
+
+    # -- building --------------------------------------------------------------------------------
+
+    def build(self, dataset: Any, instance_id: InstanceId, *, batch_size: Optional[int], shuffle: bool, num_workers: int,
+              drop_last: bool, seed_per_example: bool, subset: Any, subset_mode: str, with_indices: bool,
+              example_weights: Optional[torch.Tensor], **dataloader_kwargs: Any) -> Any:
+        """``SeedSession.build_dataloader``: its arguments checked, the loader built and recorded."""
+        session = self.session
+        if dataloader_kwargs and not _REFUSED_LOADER_ARGS.keys().isdisjoint(dataloader_kwargs):
+            name = next(n for n in _REFUSED_LOADER_ARGS if n in dataloader_kwargs)
+            raise TypeError(f"build_dataloader() does not take `{name}`: {_REFUSED_LOADER_ARGS[name]}.")
+        iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+        if not iterable and (not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__")):
+            raise TypeError(
+                f"`dataset` must be a map-style dataset (with __getitem__ and __len__) or a torch IterableDataset, "
+                f"got {type(dataset).__name__}."
+            )
+        instance_id = check_instance_id(instance_id)
+        warn_not_set_up(session, "build_dataloader")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"`batch_size` must be an int >= 1 or None, got {batch_size!r}.")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"`num_workers` must be an int >= 0, got {num_workers!r}.")
+        flags = (("shuffle", shuffle), ("drop_last", drop_last), ("seed_per_example", seed_per_example), ("with_indices", with_indices))
+        for name, value in flags:
+            if type(value) is not bool:
+                raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+        if subset_mode not in ("drop", "weight"):
+            raise ValueError(f"`subset_mode` must be 'drop' or 'weight', got {subset_mode!r}.")
+        if iterable:
+            return self._build_iterable(
+                dataset, instance_id, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
+                subset=subset, with_indices=with_indices, example_weights=example_weights, **dataloader_kwargs,
+            )
+        size = len(dataset)
+        if size < 1:
+            raise ValueError("`dataset` is empty (len 0); a loader needs at least one example.")
+        if example_weights is not None:
+            if not isinstance(example_weights, torch.Tensor) or not example_weights.is_floating_point() or example_weights.shape != (size,):
+                got = f"{example_weights.dtype} tensor of shape {tuple(example_weights.shape)}" if isinstance(example_weights, torch.Tensor) else type(example_weights).__name__
+                raise ValueError(f"`example_weights` must be a floating-point tensor of shape ({size},), one weight per example, got a {got}.")
+        if with_indices and "collate_fn" in dataloader_kwargs and not callable(dataloader_kwargs["collate_fn"]):
+            raise TypeError(f"`collate_fn` must be callable to carry indices with `with_indices=True`, got {dataloader_kwargs['collate_fn']!r}.")
+        weights = None
+        sampler_subset = None
+        digest = None
+        if subset is not None:
+            kept = subset_indices(subset, size)
+            mask = np.zeros(size, dtype=bool)
+            mask[kept] = True
+            digest = mask_digest(mask)
+            if subset_mode == "weight":
+                weights = mask
+            else:
+                sampler_subset = kept
+        # a replay of a 0.1.0 manifest installs 0.1.0's streams (full 64-bit torch seeds)
+        streams = 1 if session._replay is not None and session._replay.legacy else STREAMS
+        seed, use = session._registry.use("dataloader", instance_id, "dataloader")
+        sampler = DeterministicSampler(
+            size, shuffle=shuffle, seed=seed, num_replicas=session.world_size, rank=session.rank, drop_last=drop_last, subset=sampler_subset
+        )
+        loader = SeededDataLoader(
+            dataset,
+            sampler=sampler,
+            seed=seed,
+            instance_id=instance_id,
+            batch_size=batch_size,
+            drop_last=drop_last,
+            seed_per_example=seed_per_example,
+            weights=weights,
+            num_workers=num_workers,
+            streams=streams,
+            with_indices=with_indices,
+            example_weights=example_weights,
+            **dataloader_kwargs,
+        )
+        loader._use = use
+        details = {
+            "dataset_size": size,
+            "batch_size": batch_size,
+            "shuffle": shuffle,
+            "num_workers": num_workers,
+            "drop_last": drop_last,
+            "seed_per_example": seed_per_example,
+            "subset_size": None if subset is None else int(len(kept)),
+            "subset_digest": digest,
+            "subset_mode": None if subset is None else subset_mode,
+            "world_size": session.world_size,
+            "streams": streams,
+            "with_indices": with_indices,
+            "example_weights": None if example_weights is None else f"{example_weights.dtype}[{size}]",
+        }
+        # With per-example streams the number of workers changes nothing a replay could see.
+        session._registry.detail("dataloader", instance_id, use, details, ignore=("num_workers",) if seed_per_example else ())
+        return self.register(loader)
+
+    def _build_iterable(self, dataset: Any, instance_id: InstanceId, *, batch_size: Optional[int], shuffle: bool,
+                        num_workers: int, drop_last: bool, subset: Any, with_indices: bool, example_weights: Any,
+                        **dataloader_kwargs: Any) -> SeededIterableLoader:
+        session = self.session
+        check_iterable_args(shuffle=shuffle, subset=subset, with_indices=with_indices, example_weights=example_weights)
+        seed, use = session._registry.use("dataloader", instance_id, "dataloader")
+        loader = SeededIterableLoader(
+            dataset, seed=seed, instance_id=instance_id, batch_size=batch_size, drop_last=drop_last, num_workers=num_workers,
+            rank=session.rank, world_size=session.world_size, **dataloader_kwargs,
+        )
+        loader._use = use
+        details = {
+            "dataset_kind": "iterable",
+            "batch_size": batch_size,
+            "drop_last": drop_last,
+            "num_workers": num_workers,
+            "world_size": session.world_size,
+            "worker_split": f"{session.world_size} rank(s) x {max(1, num_workers)} stream(s)",
+            "resume_mode": loader.resume_mode,
+        }
+        session._registry.detail("dataloader", instance_id, use, details)
+        return self.register(loader)
+
+    def register(self, loader: Any) -> Any:
+        """Hold `loader` weakly, so that state_dict() and a pending resume reach it while the program does."""
+        with self._lock:
+            self._loaders[self._built] = loader
+            self._built += 1
+        loader.__dict__["_session"] = self.session  # for tools that take a loader and need its session (magic.metagradient)
+        if self.pending_rng is not None:
+            loader._before_batch = self.apply_pending_rng
+        return loader
+
+    # -- positions -------------------------------------------------------------------------------
+
+    def live(self) -> List[Any]:
+        """The loaders the program still holds, in the order they were built."""
+        with self._lock:
+            return list(self._loaders.values())
+
+    def positions(self) -> List[Dict[str, Any]]:
+        """Each live loader's state (instance id, use, epoch, position)."""
+        return [loader.state_dict() for loader in self.live()]
+
+    def match(self, states: Any, version: int) -> List[Tuple[Any, Mapping[str, Any]]]:
+        """Pair each loader state with the live loader of the same (instance id, use)."""
+        if not isinstance(states, list):
+            raise StateError(f"`state['loaders']` must be a list, got {type(states).__name__}.")
+        live: Dict[Any, Any] = {}
+        for loader in self.live():
+            live[(type(loader.instance_id), loader.instance_id, loader._use)] = loader
+        pairs: List[Tuple[Any, Mapping[str, Any]]] = []
+        seen: Dict[Any, int] = {}
+        for i, loader_state in enumerate(states):
+            check_loader_identity(loader_state, i, version)
+            iid = loader_state["instance_id"]
+            if version == 1:  # 0.1.0 listed loaders in build order, without their use
+                use = seen[(type(iid), iid)] = seen.get((type(iid), iid), 0) + 1
+            else:
+                use = loader_state["use"]
+            loader = live.get((type(iid), iid, use))
+            if loader is None:
+                raise StateError(
+                    f"`state` holds the loader ('dataloader', {iid!r:.60}) use {use}, which this session has not built "
+                    f"(or no longer holds); build the same loaders (same instance ids, same order) before loading."
+                )
+            pairs.append((loader, {k: v for k, v in loader_state.items() if k != "use"}))
+        return pairs
+
+    @staticmethod
+    def load(pairs: List[Tuple[Any, Mapping[str, Any]]]) -> None:
+        """Load each loader's state; if one refuses its state, put the others back as they were."""
+        snapshots = [(loader, loader.state_dict()) for loader, _ in pairs]
+        try:
+            for loader, loader_state in pairs:
+                loader.load_state_dict(loader_state)
+        except SeedregError:
+            for loader, snapshot in snapshots:
+                loader.load_state_dict(snapshot)
+            raise
+
+    # -- the generators of a loaded state -----------------------------------------------------------
+
+    def hold_rng(self, rng: Dict[str, Any], saved: Dict[str, Any]) -> bool:
+        """Put `rng` back right before the next batch of any live loader; False (nothing held) if
+        there is none, so the caller restores it at once."""
+        loaders = self.live()
+        if not loaders:
+            return False
+        self.pending_rng = (rng, saved)
+        for loader in loaders:
+            loader._before_batch = self.apply_pending_rng
+        return True
+
+    def drop_pending(self) -> None:
+        self.pending_rng = None
+        for loader in self.live():
+            loader._before_batch = None
+
+    def apply_pending_rng(self) -> None:
+        pending = self.pending_rng
+        self.drop_pending()
+        if pending is not None:
+            restore_global(pending[0])
