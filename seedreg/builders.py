@@ -5,7 +5,8 @@ and every hyperparameter of an optimizer) with the use."""
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Type
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Callable, Dict, Type
 
 import numpy as np
 

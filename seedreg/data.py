@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -136,6 +137,8 @@ class SeededDataLoader(DataLoader):
     dataset: ExampleSeededDataset
     worker_init_fn: _WorkerInit
     generator: torch.Generator
+    _keyed: _KeyedBatches
+    _instance_id: Any
 
     def __init__(
         self,
@@ -176,8 +179,9 @@ class SeededDataLoader(DataLoader):
                 "`in_order=False` is not supported: batches would arrive out of order, so neither the order a "
                 "replay checks nor the position a resume continues from would be defined. Leave in_order=True."
             )
-        self._keyed = _KeyedBatches(self)  # it holds the loader weakly: no reference cycle
-        self._instance_id = instance_id
+        # straight into __dict__: DataLoader routes every assignment through a Python __setattr__
+        self.__dict__["_keyed"] = _KeyedBatches(self)  # it holds the loader weakly: no reference cycle
+        self.__dict__["_instance_id"] = instance_id
         indexed = with_indices or weights is not None or example_weights is not None
         if indexed:
             self._with_indices = with_indices

@@ -167,8 +167,23 @@ def _v2(master_seed: int, purpose: str, instance_id: InstanceId) -> int:
     return _from_bytes(h.digest()[:8], "big") >> 1
 
 
+# SHA-256 states after hashing each "{master}_{purpose}_" prefix (v1), as _V2_STATES for v2
+_V1_STATES: Dict[Tuple[int, str], Any] = {}
+
+
 def _v1(master_seed: int, purpose: str, instance_id: InstanceId) -> int:
-    return int(_sha256(_v1_input(master_seed, purpose, instance_id)).hexdigest()[:8], 16) % 2**31
+    # int(hexdigest()[:8], 16) % 2**31, computed as the first 4 bytes of the digest, big-endian,
+    # with the top bit cleared: the same number without formatting or parsing hex
+    if instance_id is None:
+        return _from_bytes(_sha256(f"{master_seed}_{purpose}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+    state = _V1_STATES.get((master_seed, purpose))
+    if state is None:
+        if len(_V1_STATES) > 4096:
+            _V1_STATES.clear()
+        state = _V1_STATES[(master_seed, purpose)] = _sha256(f"{master_seed}_{purpose}_".encode())
+    h = state.copy()
+    h.update((instance_id if type(instance_id) is str else str(instance_id)).encode())
+    return _from_bytes(h.digest()[:4], "big") & 0x7FFFFFFF
 
 
 SCHEMES: Dict[str, Callable[[int, str, InstanceId], int]] = {"sha256-v1": _v1, "sha256-v2": _v2}

@@ -7,7 +7,8 @@ import hashlib
 import math
 import numbers
 import sys
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Tuple, Union
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Tuple, Union
 
 import numpy as np
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -56,9 +57,9 @@ class LoaderBook:
     def __init__(self, session: "SeedSession") -> None:
         self.session = session
         # Held weakly: a loader the program dropped is freed and leaves state_dict().
-        self._loaders: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+        self._loaders: List["weakref.ReferenceType[Any]"] = []  # in build order; dead ones pruned now and then
         self._lock = threading.Lock()  # a thread building a loader while another takes state_dict()
-        self._built = 0
+        self._prune_at = 1024
         #: a loaded state's global generators (decoded, as saved), put back before the next batch
         self.pending_rng: Optional[Tuple[Dict[str, Any], Dict[str, Any]]] = None
 
@@ -84,10 +85,10 @@ class LoaderBook:
             raise ValueError(f"`batch_size` must be an int >= 1 or None, got {batch_size!r}.")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"`num_workers` must be an int >= 0, got {num_workers!r}.")
-        flags = (("shuffle", shuffle), ("drop_last", drop_last), ("seed_per_example", seed_per_example), ("with_indices", with_indices))
-        for name, value in flags:
-            if type(value) is not bool:
-                raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+        if not (type(shuffle) is type(drop_last) is type(seed_per_example) is type(with_indices) is bool):
+            flags = (("shuffle", shuffle), ("drop_last", drop_last), ("seed_per_example", seed_per_example), ("with_indices", with_indices))
+            name, value = next((n, v) for n, v in flags if type(v) is not bool)
+            raise TypeError(f"`{name}` must be a bool, got {value!r}.")
         if subset_mode not in ("drop", "weight"):
             raise ValueError(f"`subset_mode` must be 'drop' or 'weight', got {subset_mode!r}.")
         if iterable:
@@ -137,7 +138,7 @@ class LoaderBook:
             example_weights=example_weights,
             **dataloader_kwargs,
         )
-        loader._use = use
+        loader.__dict__["_use"] = use  # past DataLoader's Python __setattr__
         details = {
             "dataset_size": size,
             "batch_size": batch_size,
@@ -167,7 +168,7 @@ class LoaderBook:
             dataset, seed=seed, instance_id=instance_id, batch_size=batch_size, drop_last=drop_last, num_workers=num_workers,
             rank=session.rank, world_size=session.world_size, **dataloader_kwargs,
         )
-        loader._use = use
+        loader.__dict__["_use"] = use  # past DataLoader's Python __setattr__
         details = {
             "dataset_kind": "iterable",
             "batch_size": batch_size,
@@ -183,8 +184,10 @@ class LoaderBook:
     def register(self, loader: Any) -> Any:
         """Hold `loader` weakly, so that state_dict() and a pending resume reach it while the program does."""
         with self._lock:
-            self._loaders[self._built] = loader
-            self._built += 1
+            self._loaders.append(weakref.ref(loader))
+            if len(self._loaders) >= self._prune_at:  # an LDS loop builds 100,000s and keeps one at a time
+                self._loaders = [r for r in self._loaders if r() is not None]
+                self._prune_at = max(1024, 2 * len(self._loaders))
         loader.__dict__["_session"] = self.session  # for tools that take a loader and need its session (magic.metagradient)
         if self.pending_rng is not None:
             loader._before_batch = self.apply_pending_rng
@@ -195,7 +198,8 @@ class LoaderBook:
     def live(self) -> List[Any]:
         """The loaders the program still holds, in the order they were built."""
         with self._lock:
-            return list(self._loaders.values())
+            refs = list(self._loaders)
+        return [loader for loader in (r() for r in refs) if loader is not None]
 
     def positions(self) -> List[Dict[str, Any]]:
         """Each live loader's state (instance id, use, epoch, position)."""

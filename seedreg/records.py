@@ -20,7 +20,8 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import attrs
 

@@ -17,7 +17,8 @@ import sys
 import threading
 import warnings
 import weakref
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from collections.abc import Mapping
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from ._log import logger as log
 from .derive import InstanceId, check_instance_id, check_purpose, derivation_input, derive_seed
@@ -160,6 +161,13 @@ class Registry:
             entry = self._entry(key)
             entry_log = self._log(entry)
             last = entry_log[-1] if entry_log else None
+            if last is not None and last[0] + last[3] == number and last[1] == entry.kind and last[2] == details:
+                # the same build again, right after the last: one more in its run (no growth, nothing to warn of)
+                entry_log[-1] = (last[0], last[1], last[2], last[3] + 1)
+                replay = self.replay
+                if replay is not None:
+                    replay.check_details(key, number, details, ignore)
+                return
             if last is not None and last[0] + last[3] - 1 == number:  # the use was logged (another kind)
                 kind = last[1]
                 if last[3] > 1:  # split it off its run

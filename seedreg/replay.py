@@ -13,7 +13,8 @@ must come out the same. The report's verdict says what a user may conclude:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from .derive import InstanceId
 from .errors import ReplayMismatchError

@@ -3,7 +3,8 @@ when replaying, and adopted from a checkpoint when an integration resumes."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Dict
 
 from .errors import StateError
 from .fingerprint import result_entry

@@ -4,7 +4,8 @@ loader's position, validated whole before anything changes."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Tuple
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Dict, Tuple
 
 from .errors import ReplayMismatchError, SeedregError, StateError
 from .loaders import STATE_VERSION, check_loader_identity

@@ -9,7 +9,8 @@ It follows :class:`torch.utils.data.DistributedSampler` where the two overlap: `
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch

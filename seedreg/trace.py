@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch

@@ -17,7 +17,8 @@ import hashlib
 import json
 import pathlib
 import struct
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import attrs
 import numpy as np

@@ -50,7 +50,8 @@ Exact resume holds for checkpoints taken at the end of a training batch or of an
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any, Dict, List, Optional, Tuple
 
 try:
     import lightning.pytorch as pl

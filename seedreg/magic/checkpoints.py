@@ -13,7 +13,8 @@ import os
 import pathlib
 import re
 import secrets
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Any, Dict, Iterator, List, Optional, Union
 
 import numpy as np
 
@@ -88,7 +89,7 @@ class Study:
             if not (root / "study.json").exists():
                 raise StudyError(f"`root` {str(root)!r} is a folder that holds files but no study.json; give an empty or new folder.")
         stored = defn.read_definition(root / "study.json")
-        _compare(stored, d, given)
+        defn.compare(stored, d, given)
         self._init(root, stored, lock)
 
     @classmethod
@@ -351,23 +352,6 @@ class Study:
         from .audit import study_manifest
 
         return study_manifest(self, progress=progress)
-
-
-def _compare(stored: Mapping[str, Any], passed: Mapping[str, Any], given: Optional[np.ndarray]) -> None:
-    for key in FIELDS + ("masks",):
-        a, b = stored[key], passed[key]
-        if key == "masks" and a == "derived-v1" and b == "derived":
-            continue  # a study of seedreg 0.2 keeps its derivation
-        if a != b:
-            grew = " (the study grew: pass its new size)" if key == "num_models" and a > b else ""
-            raise StudyError(
-                f"this study was defined with {key}={a!r} but {key}={b!r} was passed{grew}; "
-                f"pass the stored value, or use another root for another study."
-            )
-    if given is not None:
-        digests = [defn.segment(s, given[s:e])[2] for s, e, _ in stored["masks_digests"]]
-        if digests != [s[2] for s in stored["masks_digests"]]:
-            raise StudyError("the `masks` passed differ from the masks this study was created with (their digests differ); pass the same masks, or use Study.open(root).")
 
 
 def _task_from_environment() -> "tuple[int, int]":

@@ -15,7 +15,8 @@ import os
 import pathlib
 import secrets
 import shutil
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -320,3 +321,21 @@ def create_root(root: pathlib.Path, d: Mapping[str, Any], masks: Optional[np.nda
 def segment(start: int, rows: np.ndarray) -> List[Any]:
     return [start, start + len(rows), "sha256:" + masks_digest(rows).hexdigest()]
 
+
+def compare(stored: Mapping[str, Any], passed: Mapping[str, Any], given: Optional[np.ndarray]) -> None:
+    """A study opened with arguments: each must equal the stored definition's (and `given` masks
+    its digests), or a StudyError names the field."""
+    for key in FIELDS + ("masks",):
+        a, b = stored[key], passed[key]
+        if key == "masks" and a == "derived-v1" and b == "derived":
+            continue  # a study of seedreg 0.2 keeps its derivation
+        if a != b:
+            grew = " (the study grew: pass its new size)" if key == "num_models" and a > b else ""
+            raise StudyError(
+                f"this study was defined with {key}={a!r} but {key}={b!r} was passed{grew}; "
+                f"pass the stored value, or use another root for another study."
+            )
+    if given is not None:
+        digests = [segment(s, given[s:e])[2] for s, e, _ in stored["masks_digests"]]
+        if digests != [s[2] for s in stored["masks_digests"]]:
+            raise StudyError("the `masks` passed differ from the masks this study was created with (their digests differ); pass the same masks, or use Study.open(root).")
