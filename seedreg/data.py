@@ -281,6 +281,7 @@ class SeededDataLoader(DataLoader):
 
     @property
     def instance_id(self) -> Any:
+        """The instance id it was built with (its key is ``("dataloader", instance_id)``)."""
         return self._instance_id
 
     def _plan_epoch(self) -> None:
@@ -312,6 +313,7 @@ class SeededDataLoader(DataLoader):
 
     @property
     def epoch(self) -> int:
+        """The epoch the next iteration draws (set by :meth:`set_epoch`, or advanced by a full pass)."""
         return self.sampler.epoch
 
     def state_dict(self) -> Dict[str, Any]:

@@ -47,6 +47,7 @@ class DeterminismSettings:
     fill_uninitialized_memory: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
     def to_dict(self) -> Dict[str, bool]:
+        """The settings as a dict, as the manifest keeps them."""
         return attrs.asdict(self)
 
     @classmethod

@@ -74,6 +74,7 @@ class SeedRecord:
 
     @property
     def key(self) -> Tuple[str, InstanceId]:
+        """``(purpose, instance_id)``: what the seed was derived from, with the master seed."""
         return (self.purpose, self.instance_id)
 
     def use(self, number: int) -> Tuple[str, Mapping[str, Any]]:

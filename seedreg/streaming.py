@@ -242,14 +242,17 @@ class SeededIterableLoader(DataLoader):
 
     @property
     def instance_id(self) -> Any:
+        """The instance id it was built with (its key is ``("dataloader", instance_id)``)."""
         return self._instance_id
 
     @property
     def seed(self) -> int:
+        """The loader's seed, from which every worker's stream and every epoch's draws are derived."""
         return self._seed
 
     @property
     def epoch(self) -> int:
+        """The epoch the next iteration draws."""
         return self._epoch
 
     @property
@@ -258,6 +261,7 @@ class SeededIterableLoader(DataLoader):
         return "state" if self.dataset.stateful else "fast_forward"
 
     def set_epoch(self, epoch: int) -> None:
+        """Draw epoch `epoch` next (an int >= 0), as PyTorch's ``DistributedSampler.set_epoch``."""
         if type(epoch) is not int or not 0 <= epoch < 2**63:
             raise ValueError(f"`epoch` must be an int in [0, 2**63 - 1], got {epoch!r}.")
         if epoch == self._epoch and not self._started:

@@ -153,6 +153,7 @@ class Study:
         return self._refresh().completed().tolist()
 
     def status(self) -> Dict[str, int]:
+        """``{"models", "done", "missing"}``: how many models the study has, have completed, are left."""
         done = len(self._refresh().completed())
         return {"models": self.num_models, "done": done, "missing": self.num_models - done}
 
