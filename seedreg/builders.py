@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Callable, Dict, Type
+from typing import TYPE_CHECKING, Any, Callable, Dict, Tuple, Type
 
 import numpy as np
 
@@ -37,14 +37,20 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def _build_in_fork(session: "SeedSession", purpose: str, instance_id: InstanceId, build: Callable[[], Any]) -> Tuple[Any, InstanceId, int]:
+    """`build()` inside a fork of python, numpy and torch seeded from (purpose, instance_id): the
+    object, the checked instance id and the number of this use."""
+    instance_id = check_instance_id(instance_id)
+    warn_not_set_up(session, f"build_{purpose}", stacklevel=5)
+    seed, use = session._registry.use(purpose, instance_id, purpose)
+    with Fork(seed, python=True, numpy=True):
+        return build(), instance_id, use
+
+
 def build_model(session: "SeedSession", factory: Callable[..., Any], instance_id: InstanceId, kwargs: Dict[str, Any]) -> Any:
     if not callable(factory):
         raise TypeError(f"`factory` must be callable (a model class or a function), got {factory!r}.")
-    instance_id = check_instance_id(instance_id)
-    warn_not_set_up(session, "build_model")
-    seed, use = session._registry.use("model", instance_id, "model")
-    with Fork(seed, python=True, numpy=True):
-        model = factory(**kwargs)
+    model, instance_id, use = _build_in_fork(session, "model", instance_id, lambda: factory(**kwargs))
     if isinstance(model, torch.nn.Module):
         details = {
             "class": f"{type(model).__module__}.{type(model).__qualname__}",
@@ -60,11 +66,7 @@ def build_optimizer(session: "SeedSession", optimizer_class: Type[torch.optim.Op
                     kwargs: Dict[str, Any]) -> torch.optim.Optimizer:
     if not callable(optimizer_class):
         raise TypeError(f"`optimizer_class` must be an optimizer class such as torch.optim.SGD, got {optimizer_class!r}.")
-    instance_id = check_instance_id(instance_id)
-    warn_not_set_up(session, "build_optimizer")
-    seed, use = session._registry.use("optimizer", instance_id, "optimizer")
-    with Fork(seed, python=True, numpy=True):
-        optimizer = optimizer_class(params, **kwargs)
+    optimizer, instance_id, use = _build_in_fork(session, "optimizer", instance_id, lambda: optimizer_class(params, **kwargs))
     groups = [
         {**{k: _jsonable(v) for k, v in g.items() if k != "params"}, "params": len(g.get("params", ()))}
         for g in getattr(optimizer, "param_groups", ())
@@ -88,7 +90,7 @@ def subset_mask(session: "SeedSession", num_examples: int, alpha: float, instanc
     return mask
 
 
-def warn_not_set_up(session: "SeedSession", builder: str) -> None:
+def warn_not_set_up(session: "SeedSession", builder: str, stacklevel: int = 4) -> None:
     """Warn (once a session) that a builder runs before setup(): its own draws are seeded, but
     everything the run draws from the global generators (dropout, augmentation in the main
     process, weight init outside build_model) and the deterministic kernels are not."""
@@ -101,5 +103,5 @@ def warn_not_set_up(session: "SeedSession", builder: str) -> None:
         f"numpy, torch, CUDA) are not seeded and deterministic algorithms are off, so dropout and other draws outside "
         f"seedreg's builders differ between runs. Call session.setup() first (SeedSession({m}).setup()).",
         SeedregWarning,
-        stacklevel=4,
+        stacklevel=stacklevel,  # the user's call of the session's builder
     )
