@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import math
 import random
 import struct
@@ -220,21 +221,19 @@ def _field(mapping: Mapping[str, Any], name: str, types: Any, where: str) -> Any
     return value
 
 
-_TORCH_STATE_LENGTH: List[int] = []
-_SCRATCH_TORCH: List[torch.Generator] = []  # decode_global validates a CPU state by loading it here
 _SCRATCH_LOCK = threading.Lock()
 
 
+@functools.cache
 def _torch_state_length() -> int:
-    if not _TORCH_STATE_LENGTH:  # fixed for a torch build: asked once
-        _TORCH_STATE_LENGTH.append(_default_generator.get_state().numel())
-    return _TORCH_STATE_LENGTH[0]
+    """A CPU generator state's size: fixed for a torch build, asked once."""
+    return int(_default_generator.get_state().numel())
 
 
+@functools.cache
 def _scratch_torch() -> torch.Generator:
-    if not _SCRATCH_TORCH:
-        _SCRATCH_TORCH.append(torch.Generator())
-    return _SCRATCH_TORCH[0]
+    """The generator decode_global loads a CPU state into to validate it (under _SCRATCH_LOCK)."""
+    return torch.Generator()
 
 
 def decode_global(state: object) -> Dict[str, Any]:
@@ -309,25 +308,22 @@ def decode_global(state: object) -> Dict[str, Any]:
 # Where a CPU generator's state keeps its Mersenne Twister words (after the initial seed, `left`,
 # `seeded` and `next`: 624 uint64 from byte 24), checked against this torch at first use; None
 # where the layout differs (then a state is checked by drawing from it).
-_MT_WORDS: List[Optional[slice]] = []
 _ZEROS = bytes(624 * 8)
 
 
+@functools.cache
 def _mt_words() -> Optional[slice]:
-    if not _MT_WORDS:
-        where: Optional[slice] = slice(24, 24 + 624 * 8)
-        g = torch.Generator()
-        g.manual_seed(1)
-        blob = bytearray(g.get_state().numpy().tobytes())
-        blob[24 : 24 + 624 * 8] = bytes(624 * 8)  # zero exactly those bytes: the generator must then draw zeros
-        try:
-            g.set_state(torch.frombuffer(blob, dtype=torch.uint8))
-            if torch.randint(0, 2**62, (8,), generator=g).any():
-                where = None
-        except RuntimeError:
-            where = None
-        _MT_WORDS.append(where)
-    return _MT_WORDS[0]
+    """Where the words are, once checked: zeroing exactly those bytes must make the generator draw zeros."""
+    where = slice(24, 24 + 624 * 8)
+    g = torch.Generator()
+    g.manual_seed(1)
+    blob = bytearray(g.get_state().numpy().tobytes())
+    blob[where] = _ZEROS
+    try:
+        g.set_state(torch.frombuffer(blob, dtype=torch.uint8))
+    except RuntimeError:
+        return None
+    return None if torch.randint(0, 2**62, (8,), generator=g).any() else where
 
 
 def _check_torch_state(scratch: torch.Generator, data: torch.Tensor, what: str, raw: Optional[bytearray] = None) -> None:

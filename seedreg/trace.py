@@ -96,34 +96,31 @@ class Trace:
                 tensors.append(torch.tensor(float(loss), dtype=torch.float64))
             else:
                 raise TypeError(f"`loss` must be a scalar tensor, a float or None, got {type(loss).__name__}.")
-        p = len(self._params)
+        computed = None  # the gradients' presence, when they are fingerprinted now (not taken before the step)
         if self.grads and grads is None:
+            computed = np.array([q.grad is not None for q in self._params], dtype=bool)
             tensors += [q.grad for q in self._params if q.grad is not None]
-            grads = (np.array([q.grad is not None for q in self._params], dtype=bool), np.zeros((0, 2), dtype=np.int64))
         tensors += self._params
         sums = checksums(tensors).cpu().numpy()
         if loss is not None:
             value = float(loss.item()) if isinstance(loss, torch.Tensor) else float(loss)
-            if len(tensors) == len(self.names):  # the loss and every gradient: already in names order
+            if len(tensors) == len(self.names):  # the loss and every gradient (or none traced): already in names order
                 return self._all_present.copy(), sums, value
         present = np.ones(len(self.names), dtype=bool)
-        present[0] = loss is not None
-        if not self.grads:
-            out = sums if loss is not None else np.concatenate([np.zeros((1, 2), np.int64), sums])
-            return present, out, value
-        assert grads is not None
-        there, stashed = grads
         out = np.zeros((len(self.names), 2), dtype=np.int64)
+        present[0] = loss is not None
         at = 1 if loss is not None else 0
-        out[0] = sums[0] if loss is not None else 0
-        present[1 : 1 + p] = there
-        if len(stashed):  # taken before optimizer.step() (_take_grads)
-            out[1 : 1 + p][there] = stashed
-        else:
-            count = int(there.sum())
-            out[1 : 1 + p][there] = sums[at : at + count]
-            at += count
-        out[1 + p :] = sums[at:]
+        out[:at] = sums[:at]
+        if self.grads:
+            p = len(self._params)
+            if computed is not None:
+                there, grad_sums = computed, sums[at : at + int(computed.sum())]
+                at += len(grad_sums)
+            else:
+                there, grad_sums = grads  # type: ignore[misc]
+            present[1 : 1 + p] = there
+            out[1 : 1 + p][there] = grad_sums
+        out[len(self.names) - len(self._params) :] = sums[at:]
         return present, out, value
 
     def _take_grads(self) -> None:

@@ -141,13 +141,9 @@ class TraceData:
         )
 
 
-def _mismatch(a: TraceData, i: int, b: TraceData, j: int, columns: Sequence[Tuple[int, int]]) -> Optional[str]:
-    """The first tensor (in comparison order) whose fingerprint differs between row i of `a` and row j of `b`."""
-    return _differs(a.names, a.present[i], a.sums[i], b.present[j], b.sums[j], columns)
-
-
 def _differs(names: Sequence[str], pa: np.ndarray, sa: np.ndarray, pb: np.ndarray, sb: np.ndarray,
              columns: Sequence[Tuple[int, int]]) -> Optional[str]:
+    """The first tensor (in comparison order) whose presence or fingerprint differs between two rows."""
     for ca, cb in columns:
         if pa[ca] != pb[cb] or (pa[ca] and not np.array_equal(sa[ca], sb[cb])):
             return names[ca]
@@ -165,7 +161,7 @@ def first_difference(a: TraceData, b: TraceData) -> Optional[Dict[str, Any]]:
     columns = [(c, cols_b[name]) for c, name in enumerate(a.names) if name in cols_b]
     common, ia, ib = np.intersect1d(a.steps, b.steps, assume_unique=True, return_indices=True)
     for step, i, j in zip(common.tolist(), ia.tolist(), ib.tolist()):
-        name = _mismatch(a, i, b, j, columns)
+        name = _differs(a.names, a.present[i], a.sums[i], b.present[j], b.sums[j], columns)
         if name is not None:
             return {"step": step, "tensor": name, "kind": _kind(name)}
     return None
