@@ -300,6 +300,19 @@ def bench_trace(t: Table, q: bool) -> None:
     yr = torch.arange(32) % 10
     o, b = compare(bare(1, resnet9, xr, yr), bare(None, resnet9, xr, yr), 1 if q else 3, rounds)
     t.add("trace every step: a ResNet-9 step (6.6M parameters, batch 32, CPU)", o, b, "<= 1.03x", o / b <= 1.03)
+    # an MLP: nothing but parameters, so the fingerprint's cost per parameter shows whole
+    xm = torch.randn(32, 1024, generator=torch.Generator().manual_seed(0))
+    ym = torch.arange(32) % 10
+
+    def fresh_mlp() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(1024, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 1536), torch.nn.ReLU(),
+                                   torch.nn.Linear(1536, 10))
+
+    n = 5 if q else 40
+    o, b = compare(bare(1, fresh_mlp, xm, ym), bare(None, fresh_mlp, xm, ym), n, rounds)
+    t.add("trace every step: an MLP step (5.3M parameters, batch 32, CPU)", o, b, "<= 1.25x", o / b <= 1.25)
+    o, b = compare(bare(10, fresh_mlp, xm, ym), bare(None, fresh_mlp, xm, ym), n, rounds)
+    t.add("trace every 10th step: the same MLP step", o, b, "<= 1.03x", o / b <= 1.03)
 
 
 def bench_state(t: Table, q: bool) -> None:
@@ -588,12 +601,17 @@ def bench_metagradient(t: Table, q: bool) -> None:
                     opt.step()
             return time.perf_counter() - start
 
-        def meta():
+        def meta(torch_optim: bool = False):
             model, loader = parts()
+            if torch_optim:  # the optimizer and scheduler objects of a plain loop
+                opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+                extra = {"scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(loader))}
+            else:
+                opt, extra = magic.SGD(0.05, momentum=0.9), {}
             start = time.perf_counter()
-            result = magic.metagradient(model, loader, magic.SGD(0.05, momentum=0.9), epochs=epochs,
+            result = magic.metagradient(model, loader, opt, epochs=epochs,
                                         loss=lambda out, y: F.cross_entropy(out, y, reduction="none"),
-                                        target=lambda f: F.cross_entropy(f(x_test), y_test))
+                                        target=lambda f: F.cross_entropy(f(x_test), y_test), **extra)
             return time.perf_counter() - start, result
 
         plain()  # warm up
@@ -603,6 +621,11 @@ def bench_metagradient(t: Table, q: bool) -> None:
         stats = runs[0][1].stats
         t.add(f"metagradient, sqrt schedule, {name} ({stats['steps']} steps) vs one training run", ours, base, "<= 3x (paper)",
               ours / base <= 3.0)
+        if name == "demo CNN":
+            with_torch = [meta(True) for _ in range(1 if q else 3)]
+            o = statistics.median(r[0] for r in with_torch)
+            t.add("metagradient, demo CNN: torch.optim.SGD + CosineAnnealingLR object vs magic.SGD", o, ours,
+                  "<= 1.05x (no slower)", o / ours <= 1.05)
         model = runs[0][1].model
         size = sum(v.numel() * v.element_size() for v in model.state_dict().values())
         size += sum(p.numel() * p.element_size() for p in model.parameters())  # the momentum buffers
@@ -612,10 +635,46 @@ def bench_metagradient(t: Table, q: bool) -> None:
               note=f"{kept} states x {size / 1e3:.1f} kB = {kept * size / 1e6:.2f} MB bytes")
 
 
+def bench_metagradient_transformer(t: Table, q: bool) -> None:
+    """examples/magic_transformer.py: a tiny GPT-2 fine-tuned with frozen embeddings, AdamW with two
+    groups, a warm-up scheduler and clipping; one metagradient against one plain training run."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("(transformers not installed: the GPT-2 metagradient row is skipped; pip install -e \".[transformers]\")")
+        return
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+    import magic_transformer as ex
+
+    from seedreg import magic
+
+    ones = torch.ones(ex.TRAIN, dtype=torch.float64)
+    ex.train(ones)  # warm up
+
+    def plain() -> float:
+        start = time.perf_counter()
+        ex.train(ones)
+        return time.perf_counter() - start
+
+    def meta() -> float:
+        model, loader, opt, scheduler = ex.parts()
+        start = time.perf_counter()
+        magic.metagradient(model, loader, opt, epochs=ex.EPOCHS, example_losses=ex.example_losses, scheduler=scheduler,
+                           max_grad_norm=ex.CLIP,
+                           target=lambda f: ex.sequence_losses(f(input_ids=ex.TEST_IDS[:1]).logits, ex.TEST_IDS[:1])[0])
+        return time.perf_counter() - start
+
+    base = statistics.median(plain() for _ in range(1 if q else 3))
+    ours = statistics.median(meta() for _ in range(1 if q else 3))
+    t.add("metagradient, tiny GPT-2 fine-tuning (frozen embeddings, AdamW, warm-up, clipping) vs one training run", ours, base,
+          "<= 3x (paper)", ours / base <= 3.0)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--json", help="also write the table as JSON here")
+    parser.add_argument("--only", help="a comma-separated subset of the benchmarks (derive, trace, metagradient, ...)")
     parser.add_argument("--study-scale", action="store_true", help="also audit a 50,000 x 50,000 study (about 10 minutes more)")
     args = parser.parse_args(argv)
     import tempfile
@@ -626,21 +685,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("operation | seedreg | baseline | ratio | target | met")
     t = Table()
     with tempfile.TemporaryDirectory() as tmp:
-        bench_derive(t, args.quick)
-        bench_seed(t, args.quick)
-        bench_fork(t, args.quick)
-        bench_build_model(t, args.quick)
-        bench_build_dataloader(t, args.quick)
-        bench_sampler(t, args.quick)
-        bench_per_example(t, args.quick)
-        bench_state(t, args.quick)
-        bench_manifest(t, args.quick, tmp)
-        bench_memory(t, args.quick)
-        bench_study(t, args.quick, tmp, args.study_scale)
-        bench_checkpoints(t, args.quick)
-        bench_metagradient(t, args.quick)
-        bench_trace(t, args.quick)
-        bench_epoch(t, args.quick)
+        benches = {
+            "derive": lambda: bench_derive(t, args.quick), "seed": lambda: bench_seed(t, args.quick),
+            "fork": lambda: bench_fork(t, args.quick), "build_model": lambda: bench_build_model(t, args.quick),
+            "build_dataloader": lambda: bench_build_dataloader(t, args.quick), "sampler": lambda: bench_sampler(t, args.quick),
+            "per_example": lambda: bench_per_example(t, args.quick), "state": lambda: bench_state(t, args.quick),
+            "manifest": lambda: bench_manifest(t, args.quick, tmp), "memory": lambda: bench_memory(t, args.quick),
+            "study": lambda: bench_study(t, args.quick, tmp, args.study_scale),
+            "checkpoints": lambda: bench_checkpoints(t, args.quick), "metagradient": lambda: bench_metagradient(t, args.quick),
+            "metagradient_transformer": lambda: bench_metagradient_transformer(t, args.quick),
+            "trace": lambda: bench_trace(t, args.quick), "epoch": lambda: bench_epoch(t, args.quick),
+        }
+        chosen = args.only.split(",") if args.only else list(benches)
+        unknown = [c for c in chosen if c not in benches]
+        if unknown:
+            parser.error(f"--only: unknown benchmark(s) {unknown}; choose from {sorted(benches)}")
+        for name in chosen:
+            benches[name]()
     print()
     print(t.markdown())
     if args.json:

@@ -13,7 +13,7 @@ import re
 import sys
 import tempfile
 import time
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 from ._version import __version__
 from .derive import DEFAULT_SCHEME, SCHEMES, derive_seed
@@ -131,38 +131,54 @@ def _trace_summary(manifest_path: str, entry: Any) -> str:
     from .tracefile import load_trace
 
     steps = f"{entry['steps']} steps" + (f" ({entry['first_step']} to {entry['last_step']})" if entry["steps"] else "")
-    grads = "loss, gradients and parameters" if entry["grads"] else "loss and parameters"
+    what = "gradients and parameters" if entry["grads"] else "parameters"
     try:
-        load_trace(manifest_path, entry)
+        data = load_trace(manifest_path, entry)
+        kinds = {name.split("/", 1)[0] for name in data.names}
+        what = ", ".join(k for k in ("grad", "param") if k in kinds).replace("grad", "gradients").replace("param", "parameters")
+        what = what.replace(", ", " and ") if "buffer" not in kinds else what + " and buffers"
         state = "file checked"
     except ManifestError as exc:
         state = f"NOT USABLE: {exc}"
-    return (f"trace {entry['file']}: {steps}, every {entry['every']}, {entry['tensors']} tensors ({grads}), "
+    return (f"trace {entry['file']}: {steps}, every {entry['every']}, {entry['tensors']} tensors (loss, {what}), "
             f"{entry['bytes']:,} bytes; {state}")
 
 
-def _trace_difference(a_path: str, a: Any, b_path: str, b: Any) -> List[str]:
-    """Where two traced runs first differ (the step and tensor), or why that cannot be said."""
-    from .tracefile import first_difference, load_trace
+def _trace_difference(a_path: str, a: Any, b_path: str, b: Any) -> Tuple[List[str], bool]:
+    """Where two traced runs first differ (the step and tensor, and what to do next), or why that
+    cannot be said; and whether the traces could be compared at all."""
+    from .errors import ManifestError
+    from .tracefile import first_difference, load_trace, next_step
 
     if a.trace is None and b.trace is None:
-        return []
+        return [], True
     if a.trace is None or b.trace is None:
-        return [f"trace: only the {'first' if b.trace is None else 'second'} manifest has a step trace"]
-    ta, tb = load_trace(a_path, a.trace), load_trace(b_path, b.trace)
+        return [f"trace: only the {'first' if b.trace is None else 'second'} manifest has a step trace"], True
+    try:
+        ta, tb = load_trace(a_path, a.trace), load_trace(b_path, b.trace)
+    except ManifestError as exc:
+        return [f"trace: not compared ({exc})"], False
     first = first_difference(ta, tb)
     if first is not None:
-        return [f"first diverging step: {first['step']}, tensor {first['tensor']} ({first['kind']})"]
+        return [f"first diverging step: {first['step']}, tensor {first['tensor']} ({first['kind']}). Next: {next_step(first)}"], True
     if ta.steps.tolist() != tb.steps.tolist():
-        return [f"trace: the runs agree on the steps both traced, but traced {len(ta.steps)} and {len(tb.steps)} steps"]
-    return []
+        return [f"trace: the runs agree on the steps both traced, but traced {len(ta.steps)} and {len(tb.steps)} steps"], True
+    return [], True
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
     from .manifest import Manifest
 
     a, b = Manifest.load(args.a), Manifest.load(args.b)
-    lines = _trace_difference(args.a, a, args.b, b) + a.diff(b)
+    # known causes first (seeds, settings, environment, uses, results), then where the traces part
+    known = a.diff(b)
+    traced, compared = _trace_difference(args.a, a, args.b, b)
+    lines = known + traced
+    if not known and not compared:
+        _emit("the manifests agree, but their step traces could not be compared:")
+        for line in traced:
+            _emit(f"  {line}")
+        return 2
     if not lines:
         _emit("the manifests agree")
         return 0

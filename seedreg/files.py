@@ -12,7 +12,7 @@ from typing import Optional
 
 from .errors import ManifestError, ManifestWriteError
 
-__all__ = ["atomic_write", "read_regular_file"]
+__all__ = ["atomic_write", "check_density", "read_regular_file"]
 
 
 def read_regular_file(path: pathlib.Path, limit: int) -> bytes:
@@ -32,7 +32,7 @@ def read_regular_file(path: pathlib.Path, limit: int) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise ManifestError("is not a regular file (a pipe, socket or device); seedreg reads manifests from files only")
         if info.st_size > limit:
-            raise ManifestError(f"is {info.st_size} bytes; a manifest is at most {limit}")
+            raise ManifestError(f"is {info.st_size} bytes, more than the {limit} expected there")
         chunks, total = [], 0
         while True:
             chunk = os.read(fd, min(1 << 24, limit + 1 - total))
@@ -47,6 +47,27 @@ def read_regular_file(path: pathlib.Path, limit: int) -> bytes:
         raise ManifestError(f"cannot read it: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
+
+
+#: Parsed JSON costs far more memory than its text when the text is mostly tiny containers
+#: (``[[],[],...]``: about 27 bytes a byte). seedreg's own layout stays well under this multiple.
+_MAX_PARSE_MULTIPLE = 16
+_DENSITY_CHECKED = 1 << 20
+
+
+def check_density(text: str, where: str) -> None:
+    """Refuse, before parsing, text whose parse would take more than _MAX_PARSE_MULTIPLE times its
+    size (an estimate from its brackets, braces, quotes and commas): memory stays a small multiple
+    of the file whatever its layout."""
+    if len(text) < _DENSITY_CHECKED:
+        return
+    estimate = 72 * text.count("[") + 240 * text.count("{") + 25 * text.count('"') + 8 * text.count(",")
+    if estimate > _MAX_PARSE_MULTIPLE * len(text):
+        raise ManifestError(
+            f"{where} is laid out as no seedreg manifest is ({len(text):,} characters of mostly tiny JSON values, "
+            f"which would take about {estimate // len(text)} times their size to parse); it was not written by seedreg."
+        )
+
 
 
 def _temp_prefix(path: pathlib.Path) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import ManifestError
+from .files import check_density as _check_density
 from .records import check_json, record_line, require
 
 __all__ = ["render", "checksum_of"]
@@ -118,34 +119,14 @@ def _check_replay(replay: Any) -> None:
     first = replay.get("first_divergence")
     if first is not None and not (isinstance(first, Mapping) and set(first) == {"step", "tensor", "kind"}
                                   and type(first["step"]) is int and isinstance(first["tensor"], str)
-                                  and first["kind"] in ("loss", "grad", "param")):
-        raise ManifestError(f"{where}['first_divergence'] must be null or {{'step': int, 'tensor': str, 'kind': 'loss'|'grad'|'param'}}.")
+                                  and first["kind"] in ("loss", "grad", "param", "buffer")):
+        raise ManifestError(f"{where}['first_divergence'] must be null or {{'step': int, 'tensor': str, 'kind': 'loss'|'grad'|'param'|'buffer'}}.")
     results = replay["results"]
     if not isinstance(results, Mapping) or set(results) != set(_REPLAY_RESULTS):
         raise ManifestError(f"{where}['results'] must be an object with the keys {sorted(_REPLAY_RESULTS)}.")
     for key, kind in _REPLAY_RESULTS.items():
         if not isinstance(results[key], list) or not all(isinstance(v, kind) for v in results[key]):
             raise ManifestError(f"{where}['results'][{key!r}] must be a list of {kind.__name__}s.")
-
-
-#: Parsed JSON costs far more memory than its text when the text is mostly tiny containers
-#: (``[[],[],...]``: about 27 bytes a byte). seedreg's own layout stays well under this multiple.
-_MAX_PARSE_MULTIPLE = 16
-_DENSITY_CHECKED = 1 << 20
-
-
-def _check_density(text: str, where: str) -> None:
-    """Refuse, before parsing, text whose parse would take more than _MAX_PARSE_MULTIPLE times its
-    size (an estimate from its brackets, braces, quotes and commas): memory stays a small multiple
-    of the file whatever its layout."""
-    if len(text) < _DENSITY_CHECKED:
-        return
-    estimate = 72 * text.count("[") + 240 * text.count("{") + 25 * text.count('"') + 8 * text.count(",")
-    if estimate > _MAX_PARSE_MULTIPLE * len(text):
-        raise ManifestError(
-            f"{where} is laid out as no seedreg manifest is ({len(text):,} characters of mostly tiny JSON values, "
-            f"which would take about {estimate // len(text)} times their size to parse); it was not written by seedreg."
-        )
 
 
 def _refuse_constant(name: str) -> None:

@@ -7,6 +7,7 @@ nondeterministic; this compares what actually ran, bit for bit.
 
 from __future__ import annotations
 
+import copy
 import random
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -14,184 +15,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from . import rng
+from .errors import SeedregWarning
+from .wordsums import checksum, checksums
+
 __all__ = ["checksum", "checksums", "find_nondeterminism"]
-
-Fingerprint = Tuple[str, Tuple[int, ...], int, int]
-
-
-def checksum(tensor: torch.Tensor) -> Fingerprint:
-    """An exact fingerprint of a tensor's raw bits, computed on its device without copying it to
-    the host: (dtype, shape, sum of its 32-bit words, sum of the words weighted by position), both
-    sums in int64 with wrap-around. Integer sums do not depend on the order of addition, so the
-    fingerprint is itself deterministic; any single changed bit changes the first sum, a swap of
-    two words the second.
-
-    >>> a = torch.tensor([1.0, 2.0])
-    >>> checksum(a) == checksum(a.clone()), checksum(a) == checksum(torch.tensor([2.0, 1.0]))
-    (True, False)
-    """
-    t = tensor.detach()
-    head = (str(t.dtype), tuple(t.shape))
-    if t.numel() == 0:
-        return (*head, 0, 0)
-    raw = t.contiguous().reshape(-1).view(torch.uint8)
-    pad = (-raw.numel()) % 4
-    if pad:
-        raw = torch.cat([raw, raw.new_zeros(pad)])
-    words = raw.view(torch.int32).to(torch.int64)
-    weights = torch.arange(1, 2 * words.numel(), 2, device=words.device, dtype=torch.int64)
-    return (*head, int(words.sum()), int((words * weights).sum()))
-
-
-_PLANS: Dict[Tuple[Tuple[torch.dtype, int, torch.device], ...], "_Plan"] = {}
-_SMALL = 1 << 16  # tensors of fewer 32-bit words are fingerprinted together, with prefix sums
-_CHUNK = 1 << 22  # words per pass over a large tensor: bounds the int64 scratch buffer (32 MiB)
-_SCRATCH: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def checksums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The two sums of :func:`checksum` for each of `tensors`, as an int64 tensor of shape
-    ``(len(tensors), 2)`` on the first tensor's device, without a host copy and with a bounded
-    scratch buffer: small tensors together (one concatenation, two prefix sums), large ones a
-    chunk at a time. A step trace fingerprints every parameter and gradient of a model this way.
-
-    >>> a, b = torch.tensor([1.0, 2.0]), torch.arange(3, dtype=torch.int16)
-    >>> [tuple(row) for row in checksums([a, b]).tolist()] == [checksum(a)[2:], checksum(b)[2:]]
-    True
-    """
-    if not tensors:
-        return torch.zeros(0, 2, dtype=torch.int64)
-    signature = tuple([(t.dtype, t.numel(), t.device) for t in tensors])
-    plan = _PLANS.get(signature)
-    if plan is None:
-        if len(_PLANS) >= 16:
-            _PLANS.pop(next(iter(_PLANS)))
-        plan = _PLANS[signature] = _Plan(signature)
-    return plan(tensors)
-
-
-def _words(t: torch.Tensor) -> torch.Tensor:
-    """A tensor's bytes as 32-bit words (zero-padded to a whole word)."""
-    raw = t.detach().reshape(-1).view(torch.uint8)
-    pad = (-raw.numel()) % 4
-    if pad:
-        raw = torch.cat([raw, raw.new_zeros(pad)])
-    return raw.view(torch.int32)
-
-
-def _scratch(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """An int64 buffer of _CHUNK words and the odd weights 1, 3, 5, ... for `device`, made once."""
-    if device not in _SCRATCH:
-        _SCRATCH[device] = (torch.empty(_CHUNK, dtype=torch.int64, device=device),
-                            torch.arange(1, 2 * _CHUNK, 2, dtype=torch.int64, device=device))
-    return _SCRATCH[device]
-
-
-def _large_sums(t: torch.Tensor) -> torch.Tensor:
-    """(plain, weighted) of one large tensor, a chunk at a time through the scratch buffer."""
-    words = _words(t)
-    buffer, weights = _scratch(words.device)
-    plain: Optional[torch.Tensor] = None
-    weighted: Optional[torch.Tensor] = None
-    for start in range(0, words.numel(), _CHUNK):
-        chunk = words[start : start + _CHUNK]
-        n = chunk.numel()
-        wide = buffer[:n].copy_(chunk)
-        s = wide.sum()
-        w = torch.dot(wide, weights[:n]) if wide.device.type == "cpu" else wide.mul_(weights[:n]).sum()
-        # word `start + j` weighs 2(start + j) + 1 = (2j + 1) + 2 * start
-        w = w + 2 * start * s
-        plain, weighted = (s, w) if plain is None or weighted is None else (plain + s, weighted + w)
-    assert plain is not None and weighted is not None  # a large tensor has at least one chunk
-    return torch.stack([plain, weighted]).reshape(1, 2)
-
-
-def _numpy_segments(words: np.ndarray, index: Tuple[np.ndarray, ...]) -> np.ndarray:
-    """The batch path of :class:`_Plan` in numpy (CPU tensors): prefix sums of the words and of the
-    weighted words, differenced at each tensor's bounds, in buffers made once per plan (fresh
-    ones cost page faults after a training step has returned its memory). int64 arithmetic wraps
-    as torch's does."""
-    ends, shift, weights, wide, prefix = index
-    n = len(shift)
-    np.copyto(wide, words, casting="safe")
-    plain = np.cumsum(wide, out=prefix)[ends]
-    weighted = np.cumsum(np.multiply(wide, weights, out=wide), out=prefix)[ends]
-    out = np.empty((n, 2), dtype=np.int64)
-    np.subtract(plain[:n], plain[n:], out=out[:, 0])
-    np.subtract(weighted[:n], weighted[n:], out=out[:, 1])
-    out[:, 1] -= shift * out[:, 0]
-    return out
-
-
-class _Plan:
-    """How to fingerprint tensors of one signature (dtype, size, device of each): which go
-    together, where each one's words start, and the index tensors, made once."""
-
-    def __init__(self, signature: Tuple[Tuple[torch.dtype, int, torch.device], ...]) -> None:
-        self.out_device = signature[0][2]
-        self.parts: List[Tuple[str, Any]] = []  # ("batch", (members, index tensors)) or ("large", i)
-        order: List[int] = []
-        words = [-(-numel * dtype.itemsize // 4) for dtype, numel, _ in signature]
-        batches: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
-        for i, (dtype, numel, device) in enumerate(signature):
-            # on a GPU every launch costs more than the arithmetic: batch all but the largest
-            if words[i] >= (_SMALL if device.type == "cpu" else _CHUNK) or numel * dtype.itemsize % 4:
-                self.parts.append(("large", i))
-                order.append(i)
-                continue
-            members = batches.setdefault((device, dtype), [])
-            if sum(words[j] for j in members) + words[i] > _CHUNK:
-                self._add_batch(members, words, signature, order)
-                members = batches[(device, dtype)] = []
-            members.append(i)
-        for members in batches.values():
-            if members:
-                self._add_batch(members, words, signature, order)
-        self.inverse = None if order == list(range(len(order))) else torch.argsort(torch.tensor(order)).to(self.out_device)
-
-    def _add_batch(self, members: List[int], words: List[int], signature: Any, order: List[int]) -> None:
-        dtype, _, device = signature[members[0]]
-        lead = torch.zeros(max(1, 4 // dtype.itemsize), dtype=dtype, device=device)  # a zero word first
-        lead_words = lead.numel() * dtype.itemsize // 4
-        sizes = torch.tensor([words[i] for i in members], dtype=torch.int64)
-        starts = lead_words + torch.cumsum(sizes, 0) - sizes
-        ends = starts + sizes
-        index = {
-            "ends": torch.cat([ends - 1, starts - 1]).to(device),
-            "shift": (2 * starts).to(device),
-            "weights": torch.arange(1, 2 * int(ends[-1]), 2, dtype=torch.int64, device=device),
-            "lead": lead,
-        }
-        if device.type == "cpu":
-            total = len(index["weights"])
-            index["numpy"] = (*(index[k].numpy() for k in ("ends", "shift", "weights")),
-                              np.empty(total, dtype=np.int64), np.empty(total, dtype=np.int64))
-        self.parts.append(("batch", (list(members), index)))
-        order.extend(members)
-
-    def __call__(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        results = []
-        with torch.no_grad():
-            for kind, what in self.parts:
-                if kind == "large":
-                    results.append(_large_sums(tensors[what]).to(self.out_device))
-                    continue
-                members, index = what
-                words = torch._C._nn.flatten_dense_tensors([index["lead"]] + [tensors[i] for i in members]).view(torch.int32)
-                if words.device.type == "cpu":  # numpy: the same sums, a third of torch's cost per call on small arrays
-                    results.append(torch.from_numpy(_numpy_segments(words.numpy(), index["numpy"])).to(self.out_device))
-                    continue
-                wide = words.to(torch.int64)
-                n = len(members)
-                plain = torch.cumsum(wide, 0).index_select(0, index["ends"])
-                seg_plain = plain[:n] - plain[n:]
-                weighted = torch.cumsum(wide.mul_(index["weights"]), 0).index_select(0, index["ends"])
-                # word j of a tensor starting at s has the global weight 2(s + j) + 1; checksum weighs it 2j + 1
-                seg_weighted = weighted[:n] - weighted[n:] - index["shift"] * seg_plain
-                results.append(torch.stack([seg_plain, seg_weighted], 1).to(self.out_device))
-            sums = torch.cat(results) if len(results) > 1 else results[0]
-            return sums if self.inverse is None else sums.index_select(0, self.inverse)
-
 
 def _tensors(value: Any) -> List[torch.Tensor]:
     if isinstance(value, torch.Tensor):
@@ -203,10 +31,16 @@ def _tensors(value: Any) -> List[torch.Tensor]:
     return []
 
 
-def _capture(model: torch.nn.Module) -> Dict[str, Any]:
+def _capture(model: torch.nn.Module, optimizers: Sequence[Any]) -> Dict[str, Any]:
+    """Everything a training step may change that can be put back: parameters and every buffer
+    (persistent or not) as tensors, gradients, the optimizers' states, the global generators and
+    every generator a session handed out."""
     state = {
-        "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "grads": {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()},
+        "params": [(p, p.detach().clone()) for p in model.parameters()],
+        "buffers": [(m, name, None if b is None else b.detach().clone()) for m in model.modules() for name, b in m._buffers.items()],
+        "grads": [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()],
+        "optimizers": [copy.deepcopy(opt.state_dict()) for opt in optimizers],
+        "generators": [(g, g.get_state()) for g in rng.issued_generators()],
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
@@ -216,14 +50,22 @@ def _capture(model: torch.nn.Module) -> Dict[str, Any]:
     return state
 
 
-def _restore(model: torch.nn.Module, state: Dict[str, Any]) -> None:
+def _restore(model: torch.nn.Module, optimizers: Sequence[Any], state: Dict[str, Any]) -> None:
     with torch.no_grad():
-        current = model.state_dict()
-        for k, v in state["weights"].items():
-            current[k].copy_(v)
-    for n, p in model.named_parameters():
-        g = state["grads"][n]
+        for p, value in state["params"]:
+            p.copy_(value)
+        for module, name, value in state["buffers"]:
+            current = module._buffers.get(name)
+            if value is None or current is None or current.shape != value.shape or current.dtype != value.dtype:
+                module._buffers[name] = None if value is None else value.clone()
+            else:
+                current.copy_(value)
+    for p, g in state["grads"]:
         p.grad = None if g is None else g.clone()
+    for opt, opt_state in zip(optimizers, state["optimizers"]):
+        opt.load_state_dict(copy.deepcopy(opt_state))
+    for g, g_state in state["generators"]:
+        g.set_state(g_state)
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -231,10 +73,38 @@ def _restore(model: torch.nn.Module, state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _unrestored(model: torch.nn.Module, before: Dict[str, Any], optimizers: Sequence[Any]) -> List[str]:
+    """What a run of the step changed that find_nondeterminism cannot put back: the model's
+    weights moved (an optimizer stepped) while no optimizer was given, or a module's plain
+    attribute (a counter, a flag) changed."""
+    found = []
+    if not optimizers and any(not torch.equal(p.detach(), v) for p, v in before["params"]):
+        found.append("the model's parameters changed (an optimizer stepped) but no optimizer was given: its state "
+                     "(momentum, Adam's step count) moved on each run; pass optimizers=[optimizer]")
+    for name, module in model.named_modules():
+        for key, value in vars(module).items():
+            if not key.startswith("_") and isinstance(value, (bool, int, float, str)):
+                old = before["attributes"].get((name, key))
+                if old is not None and old != value:
+                    found.append(f"{name or '(model)'}.{key} changed from {old!r:.40} to {value!r:.40}")
+    return found
+
+
+def _attributes(model: torch.nn.Module) -> Dict[Tuple[str, str], Any]:
+    return {(name, key): value for name, module in model.named_modules() for key, value in vars(module).items()
+            if not key.startswith("_") and isinstance(value, (bool, int, float, str))}
+
+
 def _record(model: torch.nn.Module, step_fn: Callable[[], Any]) -> Tuple[List[Tuple[str, str, Any]], List[str]]:
-    """One run of `step_fn` with every module's outputs and output gradients fingerprinted."""
+    """One run of `step_fn` with every module's inputs, outputs and output gradients fingerprinted."""
     records: List[Tuple[str, str, Any]] = []
     handles = []
+
+    def pre_hook(name: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: Any, kwargs: Any) -> None:
+            records.append((name, "input", [checksum(t) for t in _tensors((args, kwargs))]))
+
+        return hook
 
     def forward_hook(name: str) -> Callable[..., None]:
         def hook(module: torch.nn.Module, inputs: Any, output: Any) -> None:
@@ -247,6 +117,7 @@ def _record(model: torch.nn.Module, step_fn: Callable[[], Any]) -> Tuple[List[Tu
         return hook
 
     for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(pre_hook(name or "(model)"), with_kwargs=True))
         handles.append(module.register_forward_hook(forward_hook(name or "(model)")))
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -261,14 +132,26 @@ def _record(model: torch.nn.Module, step_fn: Callable[[], Any]) -> Tuple[List[Tu
     return records, alerts
 
 
-def find_nondeterminism(model: torch.nn.Module, step_fn: Callable[[], Any], *, runs: int = 2) -> Optional[Dict[str, Any]]:
-    """Run `step_fn()` (a forward and backward pass of `model`, as you train it) `runs` times from
-    one captured state (weights, buffers, gradients, and the python, numpy, torch and CUDA random
-    states), fingerprinting every module's outputs and their gradients, and each parameter's
-    gradient at the end. Returns None when every run agrees bit for bit, else the first difference
-    in execution order: ``{"module", "kind" ("forward", "backward" or "grad"), "position", "run",
-    "violations"}``, the last the messages torch gave for ops without a deterministic kernel (under
-    ``use_deterministic_algorithms(True, warn_only=True)``). The captured state is restored after.
+def find_nondeterminism(model: torch.nn.Module, step_fn: Callable[[], Any], *, runs: int = 2,
+                        optimizers: Sequence[Any] = ()) -> Optional[Dict[str, Any]]:
+    """Run `step_fn()` (a forward and backward pass of `model`, as you train it; it may step
+    `optimizers`) `runs` times from one captured state, fingerprinting every module's inputs,
+    outputs and output gradients, and each parameter's gradient at the end.
+
+    The state captured before the first run and put back before each run and after the last:
+    the parameters, every buffer (persistent or not), the gradients, the state of each of
+    `optimizers`, python's, numpy's, torch's and CUDA's global generators, and every generator a
+    seedreg session handed out (``session.generator``) that is still alive. A change it cannot put
+    back (weights stepped by an optimizer not in `optimizers`, a module's plain attribute) is
+    warned about once, naming it.
+
+    Returns None when every run agrees bit for bit, else the first difference in execution order:
+    ``{"module", "kind", "position", "run", "violations"}``. `kind` is ``"input"`` when what a
+    module received already differed (the data, not the module, is the cause: the model's own
+    input, or code of its parent between submodules), ``"forward"`` (its output), ``"backward"``
+    (the gradient of its output), ``"grad"`` (a parameter's gradient) or ``"structure"``;
+    `violations` are the messages torch gave for ops without a deterministic kernel (under
+    ``use_deterministic_algorithms(True, warn_only=True)``).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
@@ -276,13 +159,21 @@ def find_nondeterminism(model: torch.nn.Module, step_fn: Callable[[], Any], *, r
         raise TypeError(f"`step_fn` must be callable (a forward and backward pass), got {type(step_fn).__name__}.")
     if type(runs) is not int or runs < 2:
         raise ValueError(f"`runs` must be an int >= 2 (differences need two runs to show), got {runs!r}.")
-    state = _capture(model)
+    optimizers = [optimizers] if hasattr(optimizers, "state_dict") else list(optimizers)
+    for i, opt in enumerate(optimizers):
+        if not (hasattr(opt, "state_dict") and hasattr(opt, "load_state_dict")):
+            raise TypeError(f"`optimizers[{i}]` ({type(opt).__name__}) has no state_dict/load_state_dict; pass torch.optim "
+                            f"optimizers (their state is put back before each run).")
+    state = _capture(model, optimizers)
+    state["attributes"] = _attributes(model)
+    unrestored: List[str] = []
     try:
         first: Optional[List[Tuple[str, str, Any]]] = None
         alerts: List[str] = []
         for run in range(runs):
-            _restore(model, state)
+            _restore(model, optimizers, state)
             records, found = _record(model, step_fn)
+            unrestored += [u for u in _unrestored(model, state, optimizers) if u not in unrestored]
             alerts += [a for a in found if a not in alerts]
             if first is None:
                 first = records
@@ -296,4 +187,7 @@ def find_nondeterminism(model: torch.nn.Module, step_fn: Callable[[], Any], *, r
                 return {"module": where[0], "kind": "structure", "position": position, "run": run, "violations": alerts}
         return None
     finally:
-        _restore(model, state)
+        _restore(model, optimizers, state)
+        if unrestored:
+            warnings.warn("find_nondeterminism could not put back what step_fn changed, so the runs may not have started "
+                          "alike: " + "; ".join(unrestored) + ".", SeedregWarning, stacklevel=2)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 from .derive import InstanceId
 from .errors import ReplayMismatchError
 from .records import SeedRecord, differences
+from .tracefile import next_step
 
 __all__ = ["BITWISE_KEYS", "Replay", "environment_differences"]
 
@@ -189,7 +190,8 @@ class Replay:
         if self.strict:
             raise ReplayMismatchError(
                 f"replay diverged: {self._environment_first()}at step {first['step']}, {first['tensor']} differs from "
-                f"the recorded trace (the first tensor that does, in the order loss, gradients, parameters)."
+                f"the recorded trace (the first tensor that does, in the order loss, gradients, parameters, buffers). "
+                f"Next: {next_step(first)}"
             )
 
     def _trace_reasons(self) -> List[str]:
@@ -202,7 +204,7 @@ class Replay:
         out = []
         first = self.trace.first_divergence
         if first is not None:
-            out.append(f"trace: step {first['step']} differs first, in {first['tensor']}")
+            out.append(f"trace: step {first['step']} differs first, in {first['tensor']}. Next: {next_step(first)}")
         expected = self.trace_expected
         if expected is not None and len(expected.steps):
             mine = self.trace.steps

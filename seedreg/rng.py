@@ -13,6 +13,7 @@ import math
 import random
 import struct
 import threading
+import weakref
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -24,6 +25,18 @@ from .errors import SeedregError, StateError
 __all__ = ["Fork", "capture_global", "restore_global", "seed_globals", "cuda_devices_in_use"]
 
 _MASK32 = 0xFFFFFFFF
+_issued: "weakref.WeakSet[torch.Generator]" = weakref.WeakSet()  # generators sessions handed out, while alive
+
+
+def issue(generator: torch.Generator) -> torch.Generator:
+    """Note a generator a session hands out (``find_nondeterminism`` restores every live one)."""
+    _issued.add(generator)
+    return generator
+
+
+def issued_generators() -> List[torch.Generator]:
+    """The generators sessions handed out that are still alive."""
+    return list(_issued)
 _default_generator = torch.default_generator
 
 

@@ -24,6 +24,7 @@ from .data import SeededDataLoader
 from .derive import DEFAULT_SCHEME, InstanceId, check_master_seed, check_scheme
 from .determinism import DeterminismSettings, ViolationLog, apply_settings, environment
 from . import results as _results
+from . import rng as _rng
 from .dump import dump as _dump
 from .dump import manifest_of as _manifest_of
 from .errors import SeedregError
@@ -102,6 +103,7 @@ class SeedSession:
         self._results: Dict[str, Dict[str, Any]] = {}
         self._warned_setup = False
         self._trace: Optional[Trace] = None
+        self.resumed = False  # load_state_dict was called: this run continues another
 
     def __repr__(self) -> str:
         return (
@@ -165,7 +167,7 @@ class SeedSession:
         seed = self._seed(purpose, instance_id, "generator")
         g = torch.Generator(device=dev)
         g.manual_seed(seed)
-        return g
+        return _rng.issue(g)
 
     def numpy_rng(self, purpose: str, instance_id: InstanceId = None) -> np.random.Generator:
         """A new ``numpy.random.Generator`` (PCG64) at the start of the stream of (purpose, instance_id)."""
@@ -240,10 +242,12 @@ class SeedSession:
 
     # -- step traces -------------------------------------------------------------------------------
 
-    def trace(self, model: torch.nn.Module, *, every: int = 1, grads: bool = True) -> Trace:
+    def trace(self, model: torch.nn.Module, *, every: int = 1, grads: bool = True, buffers: bool = True) -> Trace:
         """A step trace of `model`: call ``trace.step(step, loss=loss)`` after each
-        ``optimizer.step()``. Every `every`-th step keeps an exact fingerprint of the loss, each
-        parameter and (with `grads`) each ``.grad``; :meth:`dump` writes them beside the manifest.
+        ``optimizer.step()``. Every `every`-th step keeps an exact fingerprint of the loss, (with
+        `grads`) each ``.grad``, each parameter and (with `buffers`) each buffer (BatchNorm's running
+        statistics, persistent or not), read from the model at that step; :meth:`dump` writes them
+        beside the manifest.
         In a session made by :meth:`from_manifest` each step is compared as it is traced, and the
         first difference is ``replay_report()["first_divergence"]`` (strict: it raises there).
 
@@ -253,7 +257,7 @@ class SeedSession:
         >>> trace.step(0, loss=model(torch.ones(2)).sum())
         True
         """
-        return start_trace(self, model, every=every, grads=grads)
+        return start_trace(self, model, every=every, grads=grads, buffers=buffers)
 
     # -- builders ----------------------------------------------------------------------------------
 
@@ -358,6 +362,7 @@ class SeedSession:
         nothing that runs in between can consume them), or at once if the session has no loaders.
         """
         _resume.load_state(self, state)
+        self.resumed = True
 
     def _live_loaders(self) -> List[Any]:
         return self._book.live()

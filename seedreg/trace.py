@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import bisect
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .errors import ManifestError, ReplayMismatchError, SeedregError, StateError
+from .errors import ManifestError, ReplayMismatchError, SeedregError, SeedregWarning, StateError
 from .nondeterminism import checksums
 from .tracefile import TraceData, _differs, _kind
 
@@ -35,24 +36,34 @@ class Trace:
     :class:`~seedreg.ReplayMismatchError` there.
     """
 
-    def __init__(self, model: torch.nn.Module, *, every: int = 1, grads: bool = True,
-                 expected: Optional[TraceData] = None, on_divergence: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
+    def __init__(self, model: torch.nn.Module, *, every: int = 1, grads: bool = True, buffers: bool = True,
+                 expected: Optional[TraceData] = None, on_divergence: Optional[Callable[[Dict[str, Any]], None]] = None,
+                 resumed: Optional[Callable[[], bool]] = None) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
         if type(every) is not int or every < 1:
             raise ValueError(f"`every` must be an int >= 1 (trace every N-th step), got {every!r}.")
         if not isinstance(grads, bool):
             raise TypeError(f"`grads` must be a bool, got {grads!r}.")
+        if not isinstance(buffers, bool):
+            raise TypeError(f"`buffers` must be a bool, got {buffers!r}.")
         self.model = model
         self.every = every
         self.grads = grads
-        self._named = list(model.named_parameters())
-        if not self._named:
+        self.buffers = buffers
+        named = list(model.named_parameters())
+        if not named:
             raise ValueError("`model` has no parameters to trace.")
-        params = self._params = [p for _, p in self._named]
-        self.names: Tuple[str, ...] = ("loss",) + tuple(f"grad/{n}" for n, _ in self._named if grads) + tuple(f"param/{n}" for n, _ in self._named)
-        self.dtypes: Tuple[str, ...] = ("",) + tuple(str(p.dtype) for p in params if grads) + tuple(str(p.dtype) for p in params)
-        self.shapes: Tuple[Tuple[int, ...], ...] = ((),) + tuple(tuple(p.shape) for p in params if grads) + tuple(tuple(p.shape) for p in params)
+        self._param_names = [n for n, _ in named]
+        bufs = list(model.named_buffers()) if buffers else []
+        self._buffer_names = [n for n, _ in bufs]
+        params, kept = [p for _, p in named], [b for _, b in bufs]
+        self.names: Tuple[str, ...] = (("loss",) + tuple(f"grad/{n}" for n in self._param_names if grads)
+                                       + tuple(f"param/{n}" for n in self._param_names) + tuple(f"buffer/{n}" for n in self._buffer_names))
+        self.dtypes: Tuple[str, ...] = (("",) + tuple(str(p.dtype) for p in params if grads) + tuple(str(p.dtype) for p in params)
+                                        + tuple(str(b.dtype) for b in kept))
+        self.shapes: Tuple[Tuple[int, ...], ...] = (((),) + tuple(tuple(p.shape) for p in params if grads)
+                                                    + tuple(tuple(p.shape) for p in params) + tuple(tuple(b.shape) for b in kept))
         self._steps: List[int] = []
         self._losses: List[float] = []
         self._present: List[np.ndarray] = []
@@ -63,9 +74,33 @@ class Trace:
         self._all_present = np.ones(len(self.names), dtype=bool)
         self.expected = expected
         self._on_divergence = on_divergence
+        self._resumed = resumed
+        self._restored = False
         self.first_divergence: Optional[Dict[str, Any]] = None
         if expected is not None:
             self._check_matches(expected, "the recorded trace")
+
+    def _current(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """The model's parameters and buffers now (a checkpoint loaded with ``assign=True`` puts
+        new tensors in the modules: the trace follows them), checked against the traced names."""
+        named = list(self.model.named_parameters())
+        params: List[torch.Tensor] = [p for _, p in named]
+        if [n for n, _ in named] != self._param_names:
+            raise ReplayMismatchError(self._changed("parameters", self._param_names, [n for n, _ in named]))
+        if not self.buffers:
+            return params, []
+        bufs = list(self.model.named_buffers())
+        if [n for n, _ in bufs] != self._buffer_names:
+            raise ReplayMismatchError(self._changed("buffers", self._buffer_names, [n for n, _ in bufs]))
+        return params, [b for _, b in bufs]
+
+    @staticmethod
+    def _changed(what: str, before: List[str], now: List[str]) -> str:
+        missing = [n for n in before if n not in now]
+        new = [n for n in now if n not in before]
+        return (f"the model's {what} changed since trace() (missing {missing[:5]}, new {new[:5]}"
+                f"{', the order changed' if not missing and not new else ''}); a trace follows one model's structure: "
+                f"start a new session and trace for another model.")
 
     def __repr__(self) -> str:
         return f"Trace({len(self._steps)} steps, {len(self.names)} tensors, every={self.every}, grads={self.grads})"
@@ -84,6 +119,7 @@ class Trace:
 
     def _fingerprint(self, loss: Any, grads: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> Tuple[np.ndarray, np.ndarray, float]:
         """(present, sums, loss value) of the model now: one row of the trace, in :attr:`names` order."""
+        params, bufs = self._current()
         tensors: List[torch.Tensor] = []
         value = math.nan
         if loss is not None:
@@ -98,9 +134,10 @@ class Trace:
                 raise TypeError(f"`loss` must be a scalar tensor, a float or None, got {type(loss).__name__}.")
         computed = None  # the gradients' presence, when they are fingerprinted now (not taken before the step)
         if self.grads and grads is None:
-            computed = np.array([q.grad is not None for q in self._params], dtype=bool)
-            tensors += [q.grad for q in self._params if q.grad is not None]
-        tensors += self._params
+            computed = np.array([q.grad is not None for q in params], dtype=bool)
+            tensors += [q.grad for q in params if q.grad is not None]
+        tensors += params
+        tensors += bufs
         sums = checksums(tensors).cpu().numpy()
         if loss is not None:
             value = float(loss.item()) if isinstance(loss, torch.Tensor) else float(loss)
@@ -111,8 +148,8 @@ class Trace:
         present[0] = loss is not None
         at = 1 if loss is not None else 0
         out[:at] = sums[:at]
+        p = len(params)
         if self.grads:
-            p = len(self._params)
             if computed is not None:
                 there, grad_sums = computed, sums[at : at + int(computed.sum())]
                 at += len(grad_sums)
@@ -120,7 +157,7 @@ class Trace:
                 there, grad_sums = grads  # type: ignore[misc]
             present[1 : 1 + p] = there
             out[1 : 1 + p][there] = grad_sums
-        out[len(self.names) - len(self._params) :] = sums[at:]
+        out[len(self.names) - p - len(bufs) :] = sums[at:]
         return present, out, value
 
     def _take_grads(self) -> None:
@@ -128,8 +165,9 @@ class Trace:
         ``.grad`` between ``optimizer.step()`` and the point where the step is traced)."""
         if not self.grads:
             return
-        there = np.array([q.grad is not None for q in self._params], dtype=bool)
-        grads = [q.grad for q in self._params if q.grad is not None]
+        params, _ = self._current()
+        there = np.array([q.grad is not None for q in params], dtype=bool)
+        grads = [q.grad for q in params if q.grad is not None]
         sums = checksums(grads).cpu().numpy() if grads else np.zeros((0, 2), dtype=np.int64)
         self._stashed = (there, sums if len(sums) else np.zeros((0, 2), dtype=np.int64))
 
@@ -142,6 +180,12 @@ class Trace:
                 f"trace.step({step}) after step {self._last}: steps must increase. A run resumed from a checkpoint must "
                 f"restore the trace too (trace.load_state_dict(state) with the state saved by trace.state_dict())."
             )
+        if self._last is None and not self._restored and step > 0 and self._resumed is not None and self._resumed():
+            warnings.warn(
+                f"trace.step({step}) starts an empty trace in a resumed run (session.load_state_dict was called): the "
+                f"steps before {step} are missing from it, so a replay compares nothing before them and the trace file "
+                f"differs from an uninterrupted run's. Save trace.state_dict() with the checkpoint and call "
+                f"trace.load_state_dict(state) after resuming.", SeedregWarning, stacklevel=2)
         self._last = step
         stashed, self._stashed = self._stashed, None
         if step % self.every:
@@ -249,13 +293,14 @@ class Trace:
         self._sums = list(data.sums)
         self._last = last
         self._stashed = None
+        self._restored = True
         if self.expected is not None:
             self.first_divergence = None
             for i in range(len(self._steps)):
                 self._compare(i)
 
 
-def start_trace(session: Any, model: torch.nn.Module, *, every: int, grads: bool) -> Trace:
+def start_trace(session: Any, model: torch.nn.Module, *, every: int, grads: bool, buffers: bool = True) -> Trace:
     """``SeedSession.trace``: the session's one trace, compared with the recorded one when replaying."""
     if session._trace is not None:
         raise SeedregError("this session already traces a model (one trace per session: use one session per run).")
@@ -263,8 +308,9 @@ def start_trace(session: Any, model: torch.nn.Module, *, every: int, grads: bool
     if replay is not None and replay.trace_unavailable is not None:
         raise SeedregError(replay.trace_unavailable)
     expected = replay.trace_expected if replay is not None else None
-    session._trace = Trace(model, every=every, grads=grads, expected=expected,
-                           on_divergence=None if replay is None else replay.trace_diverged)
+    session._trace = Trace(model, every=every, grads=grads, buffers=buffers, expected=expected,
+                           on_divergence=None if replay is None else replay.trace_diverged,
+                           resumed=lambda: bool(getattr(session, "resumed", False)))
     if replay is not None:
         replay.trace = session._trace
     return session._trace

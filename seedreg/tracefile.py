@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
 import struct
 from collections.abc import Mapping
@@ -24,13 +25,13 @@ import attrs
 import numpy as np
 
 from .errors import ManifestError
-from .manifest import read_regular_file
+from .files import check_density, read_regular_file
 
-__all__ = ["TraceData", "check_entry", "first_difference", "load_trace", "trace_entry"]
+__all__ = ["TraceData", "check_entry", "first_difference", "load_trace", "next_step", "trace_entry"]
 
 MAGIC = b"SEEDREG-TRACE\n"
 FORMAT = "seedreg-trace"
-VERSION = 1
+VERSION = 2  # 2: sums of 64-bit words (1, seedreg 0.3: of 32-bit words), buffers traced
 MAX_BYTES = 1 << 36
 _MAX_HEADER = 1 << 26
 _DIGEST = 32
@@ -102,12 +103,17 @@ class TraceData:
         if length > min(_MAX_HEADER, len(data)):
             raise refuse(f"has a header of {length} bytes, more than the file holds.")
         try:
-            header = json.loads(data[start : start + length], object_pairs_hook=_no_duplicates)
+            text = data[start : start + length].decode("utf-8")
+            check_density(text, f"{where}'s header")
+            header = json.loads(text, object_pairs_hook=_no_duplicates)
         except (ValueError, RecursionError) as exc:
             raise refuse(f"has a damaged header: {exc}.") from None
         keys = {"format", "version", "every", "grads", "steps", "tensors"}
         if not isinstance(header, dict) or set(header) != keys or header["format"] != FORMAT:
             raise refuse(f"has no seedreg trace header (expected the keys {sorted(keys)}).")
+        if header["version"] == 1:
+            raise refuse("is trace version 1, written by seedreg 0.3 (fingerprints of 32-bit words, no buffers); this "
+                         f"seedreg writes and reads version {VERSION}: replay that run with seedreg 0.3, or trace it again.")
         if header["version"] != VERSION or type(header["version"]) is not int:
             raise refuse(f"is version {header['version']!r:.20}; this seedreg reads trace version {VERSION}.")
         every, grads, n, tensors = header["every"], header["grads"], header["steps"], header["tensors"]
@@ -154,6 +160,24 @@ def _kind(name: str) -> str:
     return name.split("/", 1)[0]
 
 
+def next_step(first: Mapping[str, Any]) -> str:
+    """What to do about a first divergence ``{"step", "tensor", "kind"}``: the comparison order
+    (loss, gradients, parameters, buffers) says which part of the step changed first."""
+    step, tensor = first["step"], first["tensor"]
+    find = f"run seedreg.find_nondeterminism(model, step_fn) on the batch of step {step} to name the module"
+    if first["kind"] == "loss":
+        return (f"the forward pass already differs at step {step}: the batch (data, augmentation, loader order), an "
+                f"unseeded random op or a nondeterministic kernel; {find}.")
+    if first["kind"] == "grad":
+        return (f"the loss agreed but {tensor} did not, so the backward pass differs at step {step} (a nondeterministic "
+                f"backward kernel, a gradient hook, or a loss that was not traced); {find}.")
+    if first["kind"] == "param":
+        return (f"the loss and the gradients agreed but {tensor} did not, so the update differs at step {step}: check the "
+                f"optimizer, its learning rate and scheduler, and weight decay or clipping settings at that step.")
+    return (f"the loss, gradients and parameters agreed but {tensor} did not, so a buffer changed differently at step "
+            f"{step}: BatchNorm's momentum or train/eval mode, or code that writes that buffer.")
+
+
 def first_difference(a: TraceData, b: TraceData) -> Optional[Dict[str, Any]]:
     """The first step (of those both traced) and tensor (of those both have) that differ:
     ``{"step", "tensor", "kind"}``, or None."""
@@ -182,7 +206,7 @@ def check_entry(entry: Any, where: str = "manifest['trace']") -> Dict[str, Any]:
     if not isinstance(entry, Mapping) or set(entry) != _ENTRY_KEYS:
         raise ManifestError(f"{where} must be an object with the keys {sorted(_ENTRY_KEYS)}.")
     name = entry["file"]
-    if type(name) is not str or not name or "/" in name or "\\" in name or name in (".", ".."):
+    if type(name) is not str or not name or any(c in name for c in "/\\\0") or name in (".", ".."):
         raise ManifestError(f"{where}['file'] must be a file name beside the manifest, got {name!r:.80}.")
     digest = entry["sha256"]
     if type(digest) is not str or len(digest) != 71 or not digest.startswith("sha256:"):
@@ -203,9 +227,10 @@ def load_trace(manifest_path: Any, entry: Mapping[str, Any]) -> TraceData:
     path = pathlib.Path(manifest_path).parent / entry["file"]
     where = f"trace file {path} (named by the manifest {pathlib.Path(manifest_path).name})"
     try:
-        payload = read_regular_file(path, MAX_BYTES)
+        # no larger than the manifest recorded: a file that is not this run's trace is refused unread
+        payload = read_regular_file(path, min(entry["bytes"], MAX_BYTES))
     except ManifestError as exc:
-        if not path.exists():
+        if not os.path.lexists(path):
             raise ManifestError(f"{where} is missing: copy it beside the manifest (a replay that expects a trace "
                                 f"cannot pass without it).") from None
         raise ManifestError(f"{where}: {exc}") from None

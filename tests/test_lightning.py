@@ -216,6 +216,17 @@ def test_a_finished_fit_continued_longer_equals_the_longer_fit(uninterrupted, tm
         assert after["final_weights"] != before["final_weights"] and after["initial_weights"] == before["initial_weights"]
 
 
+def test_a_fit_stopped_by_max_steps_exactly_at_an_epochs_end_continues_exactly(tmp_path):
+    """`fit(max_steps=12)` (an epoch is 12 batches), `save_checkpoint`, `fit(max_steps=24, ckpt_path=...)`:
+    the second epoch's batches, as in a straight 24-step fit (0.3 continued with the third epoch's)."""
+    straight = fit(tmp_path / "straight24", "--max-steps", 24)
+    out = tmp_path / "continued"
+    fit(out, "--max-steps", 12, "--save-at-end", out.with_suffix(".ckpt"))
+    fit(out, "--max-steps", 24, "--resume", out.with_suffix(".ckpt"))
+    assert (out / "batches.jsonl").read_text() == (straight / "batches.jsonl").read_text()
+    assert outcome(out) == outcome(straight)
+
+
 def test_fit_then_validate_test_predict_is_one_manifest_that_replays_bitwise(tmp_path):
     from seedreg import Manifest
 

@@ -279,7 +279,7 @@ class TestDefinitionValues:
         ({"num_models": -1}, "num_models"),
         ({"num_models": "6"}, "num_models"),
         ({"num_models": 6.0}, "num_models"),
-        ({"num_models": 10**9}, "masks.npy holds bool \\(6, 40\\)"),
+        ({"num_models": 10**7}, "masks.npy holds bool \\(6, 40\\)"), ({"num_models": 10**9}, "num_models"),
         ({"replicates": 0}, "replicates"),
         ({"num_outputs": 0}, "num_outputs"),
         ({"alpha": 2.0}, "alpha"),

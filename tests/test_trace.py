@@ -40,7 +40,7 @@ def test_two_identical_runs_write_the_same_trace_and_replay_bitwise(recorded: pa
     assert (tmp_path / "again.json.trace").read_bytes() == pathlib.Path(str(recorded) + ".trace").read_bytes()
     manifest = json.loads(recorded.read_text())
     assert manifest["trace"]["file"] == "run.json.trace" and manifest["trace"]["steps"] == 12
-    assert manifest["trace"]["tensors"] == 1 + 2 * 8  # the loss, 8 gradients, 8 parameters
+    assert manifest["trace"]["tensors"] == 1 + 2 * 8 + 3  # the loss, 8 gradients, 8 parameters, BatchNorm's 3 buffers
     report = traced(tmp_path / "replay.json", "--replay", str(recorded))["report"]
     assert report["verdict"] == "bitwise" and report["first_divergence"] is None, report["reasons"]
 
@@ -91,7 +91,7 @@ def test_every_keeps_every_nth_step_and_a_replay_must_use_the_same(tmp_path: pat
 def test_show_summarises_the_trace(recorded: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
     assert cli(["show", str(recorded)]) == 0
     out = capsys.readouterr().out
-    assert "trace run.json.trace: 12 steps (0 to 11), every 1, 17 tensors (loss, gradients and parameters)" in out
+    assert "trace run.json.trace: 12 steps (0 to 11), every 1, 20 tensors (loss, gradients, parameters and buffers)" in out
     assert "file checked" in out
 
 
@@ -239,3 +239,55 @@ def test_step_checkpoints_replay_checks_each_step_against_the_trace() -> None:
     ckpt, step_fn = _checkpointed(noise=True)
     with pytest.raises(ReplayMismatchError, match="re-running step 3 did not reproduce the traced run: loss differs first"):
         ckpt.replay(2, step_fn)
+
+
+# -- buffers, weights assigned after trace(), resumes that forget the trace (round 2) --------------------
+
+
+def test_a_drift_only_in_batchnorm_statistics_is_found_at_step_0_in_a_buffer(recorded: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """BatchNorm momentum 0.1 recorded, 0.5 replayed: loss, gradients and weights of step 0 agree, the
+    running statistics do not."""
+    report = traced(tmp_path / "bn.json", "--replay", str(recorded), "--bn-momentum", "0.5")["report"]
+    first = report["first_divergence"]
+    assert first["step"] == 0 and first["kind"] == "buffer" and first["tensor"].startswith("buffer/body.bn.running_"), first
+    assert any("so a buffer changed differently at step 0: BatchNorm's momentum" in r for r in report["reasons"]), report["reasons"]
+    error = traced(tmp_path / "strict.json", "--replay", str(recorded), "--strict", "--bn-momentum", "0.5", code=3)["error"]
+    assert "at step 0, buffer/body.bn.running_" in error and "Next: " in error
+
+
+def test_weights_assigned_after_trace_are_the_ones_traced(tmp_path: pathlib.Path) -> None:
+    """load_state_dict(..., assign=True) after trace() puts new Parameters in the model; without the
+    loss in the trace, 0.3 fingerprinted the old ones and called a replay 0.25 off bitwise."""
+    run = tmp_path / "run.json"
+    traced(run, "--assign-shift", "0.0", "--no-loss")
+    report = traced(tmp_path / "shifted.json", "--replay", str(run), "--assign-shift", "0.25", "--no-loss")["report"]
+    assert report["verdict"] == "diverged"
+    first = report["first_divergence"]
+    assert first["step"] == 0 and first["kind"] in ("grad", "param"), first
+    same = traced(tmp_path / "same.json", "--replay", str(run), "--assign-shift", "0.0", "--no-loss")["report"]
+    assert same["verdict"] == "bitwise", same["reasons"]
+
+
+def test_a_resume_that_forgets_the_trace_state_warns_at_its_first_step(tmp_path: pathlib.Path) -> None:
+    state = tmp_path / "state.pt"
+    traced(tmp_path / "unused.json", "--stop-after", "7", "--save-state", str(state))
+    proc = run_python([SCRIPT, tmp_path / "resumed.json", "--resume", state, "--resume-without-trace"], check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "trace.step(8) starts an empty trace in a resumed run" in proc.stderr and "trace.load_state_dict(state)" in proc.stderr
+    proc = run_python([SCRIPT, tmp_path / "restored.json", "--resume", state], check=False)
+    assert proc.returncode == 0 and "starts an empty trace" not in proc.stderr
+
+
+def test_diff_names_known_causes_first_and_compares_without_a_trace_file(recorded: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    other = tmp_path / "other.json"
+    traced(other, "--lr-change-at", "5")
+    proc = run_python(["-m", "seedreg", "diff", recorded, other], check=False)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 1
+    step_line = next(i for i, line in enumerate(lines) if "first diverging step: 5" in line)
+    assert "Next: " in lines[step_line] and "optimizer, its learning rate" in lines[step_line]
+    assert all("first diverging" not in line for line in lines[:step_line])
+    pathlib.Path(str(other) + ".trace").unlink()
+    proc = run_python(["-m", "seedreg", "diff", recorded, other], check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "result 'final_weights'" in proc.stdout and "trace: not compared" in proc.stdout and "is missing" in proc.stdout

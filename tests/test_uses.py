@@ -375,7 +375,13 @@ class TestLegacyManifest:
         if same_build and torch.backends.cpu.get_cpu_capability() == expected["cpu_capability"]:
             from seedreg import fingerprint
 
-            assert fingerprint(model) == expected["final_weights"]  # 0.2 trains 0.1.0's run bit for bit
+            from seedreg.determinism import environment
+
+            # 0.2 and later train 0.1.0's run bit for bit: as on this processor model when it was measured on it,
+            # else as on one of the machines that measured it
+            known = expected["by_cpu"].get(environment().get("cpu"))
+            got = fingerprint(model)
+            assert got == known if known else got in {expected["final_weights"], *expected["by_cpu"].values()}
 
 
 @pytest.mark.slow

@@ -160,12 +160,22 @@ class SeedregCallback(pl.Callback):
         """A fit that `max_steps` stopped mid-epoch marks that epoch complete, so a checkpoint saved
         after it (``trainer.save_checkpoint``) would make a longer fit start the next epoch while the
         loaders stand mid-epoch. Write the loop's progress as a checkpoint taken at that batch's end
-        (what ``ModelCheckpoint(every_n_train_steps=...)`` saves), which Lightning resumes mid-epoch."""
+        (what ``ModelCheckpoint(every_n_train_steps=...)`` saves), which Lightning resumes mid-epoch. One
+        stopped on an epoch's last batch is written as the next epoch's start."""
         fit = checkpoint.get("loops", {}).get("fit_loop")
         if not isinstance(fit, dict) or "epoch_progress" not in fit or "epoch_loop.batch_progress" not in fit:
             return
         epochs, batches = fit["epoch_progress"], fit["epoch_loop.batch_progress"]
         done = batches["total"]["ready"]
+        if (batches.get("is_last_batch") and batches["current"]["ready"] == batches["current"]["completed"] > 0
+                and epochs["current"]["completed"] == epochs["current"]["ready"] == epochs["current"]["processed"]):
+            # stopped by max_steps on an epoch's last batch, saved after the fit: the epoch is complete, but the
+            # batch progress still stands at its end, which a resumed fit takes for the end of the *next* epoch
+            # (and skips it). Write it as the next epoch's start.
+            for key in batches["current"]:
+                batches["current"][key] = 0
+            batches["is_last_batch"] = False
+            return
         if (batches.get("is_last_batch") or batches["current"]["ready"] == 0 or batches["total"]["completed"] != done
                 or epochs["current"]["completed"] != epochs["current"]["ready"]):
             return  # saved inside the fit, or after a whole epoch: Lightning resumes it right

@@ -187,19 +187,70 @@ class StepCheckpoints:
     def _claim_store(self, overwrite: bool) -> None:
         """Make the store this run's: a store belongs to one run (an lr sweep given one directory
         would otherwise replay one run from another's states). Another run's store is refused
-        unless `overwrite`, which removes its state files first."""
+        unless `overwrite`, which removes only the state files that run's marker proves it wrote:
+        each ``step-N.json`` naming the marker's run, each ``step-N.pt`` matching the digest its
+        JSON half recorded. Anything else (a file seedreg did not write, a link, a directory) is a
+        StateError naming it, raised before anything is removed."""
         assert self.store is not None
         owner = self.store / _STORE_FILE
-        theirs = [p for p in self.store.iterdir() if _STATE_FILE.fullmatch(p.name)]
-        if owner.exists() or theirs:
-            if not overwrite:
-                raise StateError(
-                    f"`store` {str(self.store)!r} holds the checkpoints of another run ({_STORE_FILE} or step files); a store "
-                    f"belongs to one run. Give each run its own directory, or pass overwrite=True to replace that run's states."
-                )
-            for path in theirs:
-                path.unlink()
+        named = sorted(p for p in self.store.iterdir() if _STATE_FILE.fullmatch(p.name))
+        for path in [owner, *named]:
+            if path.is_symlink() or (path.exists() and not path.is_file()):
+                raise StateError(f"`store` {str(self.store)!r} holds {path.name}, which is a link or a directory: a store's "
+                                 f"files are regular files seedreg wrote. Move it, or give another directory.")
+        if not owner.exists() and not named:
+            atomic_write(owner, json.dumps({"format": _STORE_FORMAT, "run": self.run_id}).encode())
+            return
+        if not overwrite:
+            raise StateError(
+                f"`store` {str(self.store)!r} holds the checkpoints of another run ({_STORE_FILE} or step files); a store "
+                f"belongs to one run. Give each run its own directory, or pass overwrite=True to replace that run's states."
+            )
+        if not owner.exists():
+            raise StateError(f"`store` {str(self.store)!r} holds {named[0].name} but no {_STORE_FILE}: seedreg never claimed "
+                             f"this directory, so overwrite=True removes nothing from it. Give checkpoints a directory of "
+                             f"their own.")
+        try:
+            marker = json.loads(read_regular_file(owner, 1 << 16))
+        except (ManifestError, ValueError, RecursionError):
+            marker = None
+        if not isinstance(marker, dict) or marker.get("format") != _STORE_FORMAT or not isinstance(marker.get("run"), str):
+            raise StateError(f"{owner} is not a seedreg store marker; overwrite=True removes nothing it cannot prove "
+                             f"seedreg wrote. Give checkpoints another directory.")
+        proven = self._written_by(marker["run"], named)
+        for path in named:
+            if path not in proven:
+                raise StateError(f"{path} was not written by the run that claimed `store` {str(self.store)!r} (its "
+                                 f"{_STORE_FILE} does not prove it); overwrite=True removes only that run's states. Move "
+                                 f"the file, or give checkpoints another directory.")
+        for path in named:
+            path.unlink()
         atomic_write(owner, json.dumps({"format": _STORE_FORMAT, "run": self.run_id}).encode())
+
+    def _written_by(self, run: str, named: Sequence[pathlib.Path]) -> set:
+        """The files of `named` that run `run` wrote: its step JSONs, and the tensor files whose
+        digest such a JSON recorded."""
+        proven = set()
+        for path in named:
+            if path.suffix != ".json":
+                continue
+            try:
+                meta = json.loads(read_regular_file(path, _MAX_STATE_JSON))
+            except (ManifestError, ValueError, RecursionError):
+                continue
+            if not (isinstance(meta, dict) and meta.get("format") == _STORE_FORMAT and meta.get("run") == run
+                    and path.name == f"step-{meta.get('step')}.json"):
+                continue
+            proven.add(path)
+            pt = path.with_suffix(".pt")
+            if pt in named:
+                digest = hashlib.sha256()
+                with open(pt, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        digest.update(block)
+                if "sha256:" + digest.hexdigest() == meta.get("tensors"):
+                    proven.add(pt)
+        return proven
 
     def _put(self, step: int, state: Dict[str, Any]) -> None:
         if self.store is None:

@@ -17,7 +17,7 @@ from . import definition as defn
 from .definition import FIELDS, StudyError
 from .locks import Locks, only_run_in_process
 from .logs import Index, Lines, TaskLog
-from .run import StudyRun
+from .run import StudyRun, is_artifact_name
 
 _MASTER_MAX = 2**32 - 1
 PathLike = Union[str, "os.PathLike[str]"]
@@ -109,7 +109,7 @@ class Study:
         self._masters_seen: set = set()
         self._locks = Locks(root, lock)
         self._log = TaskLog(root / "tasks")
-        self._index = Index(root / "tasks", definition["num_models"])
+        self._index = Index(root / "tasks", 0)  # sized by _set_definition, once the arrays are checked
         self._scanned = False
         self._set_definition(definition)
 
@@ -190,14 +190,21 @@ class Study:
         return Manifest.from_dict(entry["manifest"])
 
     def artifact(self, model_id: int, name: str) -> pathlib.Path:
-        """The path of artifact `name` of model `model_id`'s newest completion."""
+        """The path of artifact `name` of model `model_id`'s newest completion: a name its
+        ``save()`` recorded, inside the study's artifacts folder."""
         self._check_id(model_id)
+        if not is_artifact_name(name):
+            raise StudyError(f"`name` must be a plain file name (letters, digits, '_', '.', '-'), got {name!r:.60}.")
         index = self._refresh()
         if index.log[model_id] < 0:
             raise StudyError(f"model {model_id} is not complete; it has no artifacts yet.")
-        path = self.root / "artifacts" / str(model_id) / str(int(index.attempt[model_id])) / str(name)
+        recorded = {r["name"] for r in self.manifest_of(model_id).results}
+        path = self.root / "artifacts" / str(model_id) / str(int(index.attempt[model_id])) / name
+        if f"study.artifact.{name}" not in recorded:
+            raise StudyError(f"model {model_id} recorded no artifact {name!r} (its save() recorded "
+                             f"{sorted(r[len('study.artifact.'):] for r in recorded if r.startswith('study.artifact.'))}).")
         if not path.is_file():
-            raise StudyError(f"model {model_id} recorded no artifact {name!r} (no {path}).")
+            raise StudyError(f"model {model_id}'s artifact {name!r} is missing (no {path}); its save() recorded it: restore it.")
         return path
 
     # -- seeds and masks --------------------------------------------------------------------------

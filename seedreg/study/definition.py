@@ -28,7 +28,9 @@ FORMAT = "seedreg-study"
 VERSION = 2  # 2: masks derived with alpha and mode in the derivation, or brought (masks="given")
 FIELDS = ("master_seed", "num_models", "num_examples", "alpha", "num_outputs", "mode", "replicates", "scheme")
 FIELDS_V2 = FIELDS + ("masks", "masks_digests")
-MAX_MODELS = 2**31 - 1  # a model id is a u32 in the completion index
+# The most models one study holds: the completion index keeps 60 bytes a model in memory (1 GiB at
+# this bound), sized before any record is read, so a definition may not ask for more.
+MAX_MODELS = 2**24
 MAX_BYTES = 2**50  # an array larger than a petabyte is a typo, not a study
 ARRAYS = {"masks.npy": np.dtype(np.bool_), "outputs.npy": np.dtype("<f4")}
 

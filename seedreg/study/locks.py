@@ -250,10 +250,18 @@ class Locks:
                 raise StudyError("a task is training a model of this study; grow it when no task is running.") from None
             if self.mode == "posix":
                 raise
-        held = [p for p in (self.root / "locks.d").glob("*.lock")] if (self.root / "locks.d").is_dir() else []
-        if held:
+        held = sorted((self.root / "locks.d").glob("*.lock")) if (self.root / "locks.d").is_dir() else []
+        try:
+            for path in held:  # a killed task's lock file is stale: taken over as run() would take it
+                stem = path.name[: -len(".lock")]
+                if not stem.isdigit():
+                    raise StudyError(f"a task holds {path}; grow the study when no task is running.")
+                self._take_over(path, int(stem))
+                if path.exists():
+                    raise StudyError(f"a task holds {path}; grow the study when no task is running.")
+        except StudyError:
             self.unlock_all()
-            raise StudyError(f"a task holds {held[0]}; grow the study when no task is running.")
+            raise
 
     def unlock_all(self) -> None:
         if self._fd is not None:

@@ -16,7 +16,12 @@ from .logs import file_sha256, outputs_digest
 if TYPE_CHECKING:  # pragma: no cover
     from .core import Study
 
-_ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_ARTIFACT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def is_artifact_name(name: object) -> bool:
+    """Whether `name` is a plain file name an artifact may have (no folder, no dots alone, no newline)."""
+    return isinstance(name, str) and _ARTIFACT_NAME.fullmatch(name) is not None and name not in (".", "..")
 
 
 class StudyRun:
@@ -43,7 +48,7 @@ class StudyRun:
         """A path for this model's file `name` (``ROOT/artifacts/ID/ATTEMPT/name``): write it before
         :meth:`save`, which records its SHA-256; the audit checks it. A retrained model writes a new
         attempt's folder, so a crash never touches the artifacts of a completed run."""
-        if not isinstance(name, str) or not _ARTIFACT_NAME.match(name):
+        if not is_artifact_name(name):
             raise StudyError(f"`name` must be a plain file name (letters, digits, '_', '.', '-'), got {name!r:.60}.")
         self._check_open("artifact")
         folder = self.study.root / "artifacts" / str(self.model_id) / str(self.attempt)

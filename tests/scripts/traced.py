@@ -2,6 +2,7 @@
 
     python traced.py OUT.json [--replay MANIFEST] [--strict] [--lr-change-at STEP] [--noise-from STEP]
                               [--every N] [--stop-after STEP] [--resume STATE] [--save-state STATE]
+                              [--bn-momentum M] [--assign-shift X] [--no-loss] [--resume-without-trace]
 """
 
 import argparse
@@ -51,6 +52,10 @@ def main() -> int:
     p.add_argument("--stop-after", type=int)
     p.add_argument("--resume")
     p.add_argument("--save-state")
+    p.add_argument("--bn-momentum", type=float)
+    p.add_argument("--assign-shift", type=float)
+    p.add_argument("--no-loss", action="store_true")
+    p.add_argument("--resume-without-trace", action="store_true")
     a = p.parse_args()
     torch.set_num_threads(1)
     session = SeedSession.from_manifest(a.replay, strict=a.strict) if a.replay else SeedSession(11)
@@ -58,13 +63,19 @@ def main() -> int:
     model = session.build_model(Net, "net")
     opt = session.build_optimizer(torch.optim.SGD, model.parameters(), "net", lr=0.05, momentum=0.9)
     loader = session.build_dataloader(ToyImages(96), "net", batch_size=16, shuffle=True)
+    if a.bn_momentum is not None:
+        model.body.bn.momentum = a.bn_momentum
     trace = session.trace(model, every=a.every)
+    if a.assign_shift is not None:  # a checkpoint loaded after trace() with assign=True: new Parameter objects
+        model.load_state_dict({k: v + a.assign_shift if v.is_floating_point() else v for k, v in model.state_dict().items()}, assign=True)
+        opt = session.build_optimizer(torch.optim.SGD, model.parameters(), "net-assigned", lr=0.05, momentum=0.9)
     step, start_epoch = 0, 0
     if a.resume:
         saved = torch.load(a.resume, weights_only=True)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
-        trace.load_state_dict(saved["trace"])
+        if not a.resume_without_trace:
+            trace.load_state_dict(saved["trace"])
         session.load_state_dict(json.loads(saved["session"]))
         step, start_epoch = saved["step"], saved["epoch"]
     try:
@@ -79,7 +90,7 @@ def main() -> int:
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()
                 opt.step()
-                trace.step(step, loss=loss)
+                trace.step(step, loss=None if a.no_loss else loss)
                 step += 1
                 if a.stop_after is not None and step == a.stop_after + 1:
                     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "trace": trace.state_dict(),
