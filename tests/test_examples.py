@@ -30,3 +30,12 @@ def test_lds_models_differ_and_share_the_loader(tmp_path):
 def test_perfect_consistency(tmp_path):
     out = run_python([ROOT / "examples/perfect_consistency.py"]).stdout
     assert "identical models: True" in out and "issued 2 times" in out
+
+
+def test_magic_transformer_fine_tunes_gpt2_and_scores_its_metagradients():
+    """The tiny GPT-2 example (frozen embeddings, AdamW with two groups, a warm-up scheduler, clipping):
+    its metagradient run is the plain loop's (the example asserts it) and ranks weight-0 retrains."""
+    pytest.importorskip("transformers", reason='the transformers extra: pip install -e ".[transformers]"')
+    out = run_python([ROOT / "examples/magic_transformer.py", "--targets", "2", "--subsets", "8"]).stdout
+    lds = [float(v) for v in re.findall(r"single-model LDS at a \d+% drop .*: (-?[\d.]+)", out)]
+    assert len(lds) == 2 and all(v > 0.5 for v in lds), out

@@ -138,8 +138,10 @@ def test_the_trained_model_equals_a_plain_torch_optim_run(optimizer, torch_optim
     plain, value = retrain(torch_optimizer, lr)
     trained = result.model.state_dict()
     for name, tensor in plain.state_dict().items():
-        assert torch.allclose(trained[name].double(), tensor.double(), rtol=1e-12, atol=1e-12), name
-    assert abs(result.target - value) <= 1e-12
+        # magic's functional steps round differently from torch's kernels (AdamW amplifies it in the bias
+        # before BatchNorm, whose gradient is ~0): 1e-9, as the issue states; torch.optim itself is bitwise
+        assert torch.allclose(trained[name].double(), tensor.double(), rtol=1e-9, atol=1e-9), name
+    assert abs(result.target - value) <= 1e-9
     assert result.stats["steps"] == EPOCHS * N // BATCH and result.stats["states_kept"] >= 1
 
 
@@ -172,9 +174,9 @@ def test_bad_input_is_refused_naming_the_argument_and_the_fix():
         magic.metagradient(model, torch.utils.data.DataLoader(Data(), batch_size=4), magic.SGD(0.1), **kw)
     with pytest.raises(SeedregError, match="without with_indices"):
         magic.metagradient(model, s.build_dataloader(Data(), "i", batch_size=4, with_indices=True), magic.SGD(0.1), **kw)
-    with pytest.raises(TypeError, match=r"magic.SGD, magic.AdamW\).*torch.optim"):
-        magic.metagradient(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), **kw)
-    with pytest.raises(SeedregError, match=r"one value per example.*reduction='none'"):
+    with pytest.raises(TypeError, match=r"is a RMSprop; metagradient differentiates torch.optim.SGD, Adam and AdamW"):
+        magic.metagradient(model, loader, torch.optim.RMSprop(model.parameters(), lr=0.1), **kw)
+    with pytest.raises(SeedregError, match=r"one per example of the batch.*reduction='none'"):
         magic.metagradient(model, loader, magic.SGD(0.1), **{**kw, "loss": F.cross_entropy})
     with pytest.raises(SeedregError, match="`target\\(f\\)` must return a scalar"):
         magic.metagradient(model, loader, magic.SGD(0.1), **{**kw, "target": lambda f: f(TEST.x)})

@@ -11,20 +11,22 @@ generators) and pulling the adjoint through it::
     session = SeedSession(0).setup()
     model = session.build_model(MLP, "model").double()
     loader = session.build_dataloader(train, "train", batch_size=32, shuffle=True)
-    result = magic.metagradient(model, loader, magic.SGD(0.1, momentum=0.9), epochs=4,
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    result = magic.metagradient(model, loader, optimizer, epochs=4,
                                 loss=lambda out, y: F.cross_entropy(out, y, reduction="none"),
                                 target=lambda f: F.cross_entropy(f(x_test), y_test))
     result.grad      # d target / d w_i at w = 1, one per training example
 
-A batch's training loss is ``mean(w[indices] * loss(model(x), y))``. The optimizer steps here are
-functional and differentiable, with the forward math of torch.optim's, and finite metagradients
-where a gradient or a second moment is exactly zero. BatchNorm's running statistics are part of
-the differentiated state (a target evaluated in eval mode depends on them), and dropout or any
-other global random draw inside the forward pass is replayed exactly.
+A batch's training loss is ``mean(w[indices] * loss(model(x), y))``. The loop is a plain one:
+torch.optim's SGD, Adam or AdamW with param groups (or seedreg's functional ``magic.SGD``,
+``magic.Adam``, ``magic.AdamW``), frozen parameters, a scheduler object, clipping, gradient
+accumulation and any batch structure (``example_losses=``). BatchNorm's running statistics are
+part of the differentiated state (a target evaluated in eval mode depends on them), and dropout
+or any other global random draw inside the forward pass is replayed exactly.
 """
 
 from .checkpoints import SCHEDULES, StepCheckpoints
 from .metagradient import MetagradientResult, metagradient
-from .optimizers import SGD, AdamW
+from .optimizers import SGD, Adam, AdamW
 
-__all__ = ["AdamW", "MetagradientResult", "SCHEDULES", "SGD", "StepCheckpoints", "metagradient"]
+__all__ = ["Adam", "AdamW", "MetagradientResult", "SCHEDULES", "SGD", "StepCheckpoints", "metagradient"]

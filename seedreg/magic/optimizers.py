@@ -9,7 +9,7 @@ from typing import Any, Callable, List, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["AdamW", "SGD", "LR"]
+__all__ = ["Adam", "AdamW", "SGD", "LR"]
 
 LR = Union[float, Callable[[int], float]]
 
@@ -101,6 +101,8 @@ class AdamW:
     metagradients instead of NaN.
     """
 
+    decoupled = True
+
     def __init__(self, lr: LR, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01) -> None:
         self.lr = _check_lr(lr)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -110,7 +112,7 @@ class AdamW:
         self.weight_decay = _check_coefficient("weight_decay", weight_decay)
 
     def __repr__(self) -> str:
-        return f"AdamW(lr={self.lr!r}, betas={self.betas}, eps={self.eps}, weight_decay={self.weight_decay})"
+        return f"{type(self).__name__}(lr={self.lr!r}, betas={self.betas}, eps={self.eps}, weight_decay={self.weight_decay})"
 
     def init(self, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """The state before the first step: first and second moments per parameter."""
@@ -127,7 +129,10 @@ class AdamW:
         bias2_sqrt = (1 - beta2**t) ** 0.5
         new_params, firsts, seconds = [], [], []
         for p, g, m, v in zip(params, grads, state[:n], state[n:]):
-            p = p * (1 - lr * self.weight_decay)
+            if self.weight_decay and self.decoupled:
+                p = p * (1 - lr * self.weight_decay)
+            elif self.weight_decay:
+                g = g + self.weight_decay * p
             m = m + (1 - beta1) * (g - m)  # torch's lerp(m, g, 1 - beta1) for weights below 0.5
             v = v * beta2 + (1 - beta2) * g * g
             denom = _safe_sqrt(v) / bias2_sqrt + self.eps
@@ -137,4 +142,15 @@ class AdamW:
         return new_params, firsts + seconds
 
 
-_OPTIMIZERS = (SGD, AdamW)
+class Adam(AdamW):
+    """torch.optim.Adam as a differentiable function of (parameters, gradients, state): as
+    :class:`AdamW`, with L2 weight decay added to the gradient (torch.optim.Adam's, default 0)
+    instead of decoupled decay."""
+
+    decoupled = False
+
+    def __init__(self, lr: LR, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        super().__init__(lr, betas, eps, weight_decay)
+
+
+_OPTIMIZERS = (SGD, AdamW, Adam)
