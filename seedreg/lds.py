@@ -39,12 +39,21 @@ def _predictions(masks: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return out
 
 
-def lds_score(scores: Any, masks: Any, outputs: Any, *, replicates: int = 1, per_target: bool = False) -> Union[float, np.ndarray]:
+SIGNS = ("loss", "helpfulness")
+
+
+def lds_score(scores: Any, masks: Any, outputs: Any, *, replicates: int = 1, per_target: bool = False,
+              sign: str = "loss") -> Union[float, np.ndarray]:
     """The linear datamodeling score: predictions ``masks @ scores`` against the measured
     `outputs` (averaged over each group of `replicates` models sharing a mask), Spearman's rank
     correlation across models for each output, averaged over outputs (TRAK's definition).
 
-    `scores` is examples x outputs, `masks` models x examples, `outputs` models x outputs. The
+    `scores` is examples x outputs, `masks` models x examples (True: the example was kept),
+    `outputs` models x outputs, as measured (a test loss, say). `sign` names the scores'
+    convention: ``"loss"`` (seedreg's: d output / d w, positive when keeping the example raises
+    the output; ``magic.metagradient``'s ``result.grad``) or ``"helpfulness"`` (dattri's and
+    TRAK's: positive when the example lowers the loss; they are negated here). Either way the
+    same attribution scores the same: a missed flip would give exactly -LDS. The
     product is taken in float32, the masks converted a chunk at a time (memory: one chunk beyond
     the predictions). NaN as TRAK and dattri give it (scipy's ``spearmanr`` per target): a target
     whose predictions or outputs are constant, or hold a NaN, scores NaN, and the plain mean
@@ -56,8 +65,15 @@ def lds_score(scores: Any, masks: Any, outputs: Any, *, replicates: int = 1, per
     >>> scores = rng.normal(size=(10, 3))
     >>> round(lds_score(scores, masks, masks @ scores), 6)
     1.0
+    >>> round(lds_score(-scores, masks, masks @ scores, sign="helpfulness"), 6)
+    1.0
     """
+    if sign not in SIGNS:
+        raise ValueError(f"`sign` must be one of {list(SIGNS)} (the scores' convention: d output / d w, or helpfulness "
+                         f"as dattri and TRAK give it), got {sign!r:.40}.")
     scores = np.asarray(scores, dtype=np.float32)
+    if sign == "helpfulness":
+        scores = -scores
     masks = np.asarray(masks)
     outputs = np.asarray(outputs, dtype=np.float64)
     if masks.ndim != 2 or scores.ndim != 2 or outputs.ndim != 2:

@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import RandomSampler, Sampler
 
 from .derive import mix_seed
 from .errors import StateError
@@ -69,7 +69,18 @@ class DeterministicSampler(Sampler[int]):
     True
     >>> s.set_epoch(0); list(s) == first
     True
+
+    A shuffling sampler is also a ``torch.utils.data.RandomSampler``, so that tools which check
+    whether a loader shuffles that way (dattri, Lightning) see that it does:
+
+    >>> isinstance(s, torch.utils.data.RandomSampler), isinstance(DeterministicSampler(5, shuffle=False), torch.utils.data.RandomSampler)
+    (True, False)
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "DeterministicSampler":
+        if cls is DeterministicSampler and kwargs.get("shuffle", True) is True and args:
+            cls = _ShufflingSampler
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -224,3 +235,17 @@ class DeterministicSampler(Sampler[int]):
         self._exhausted = state["exhausted"]
         self._started = self._exhausted
         self._resumed_at_end = not self._exhausted and self.position >= self.num_samples
+
+
+class _ShufflingSampler(DeterministicSampler, RandomSampler):  # type: ignore[misc]
+    """A shuffling :class:`DeterministicSampler`, seen as a ``RandomSampler`` by ``isinstance``
+    (tools warn that scores of a shuffled loader come in its order). Everything it does is
+    DeterministicSampler's."""
+
+    num_samples = 0  # an instance attribute (set in __init__), not RandomSampler's property
+    replacement = False
+    generator = None
+
+    @property
+    def data_source(self) -> range:
+        return range(self.dataset_size)

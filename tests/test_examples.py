@@ -39,3 +39,13 @@ def test_magic_transformer_fine_tunes_gpt2_and_scores_its_metagradients():
     out = run_python([ROOT / "examples/magic_transformer.py", "--targets", "2", "--subsets", "8"]).stdout
     lds = [float(v) for v in re.findall(r"single-model LDS at a \d+% drop .*: (-?[\d.]+)", out)]
     assert len(lds) == 2 and all(v > 0.5 for v in lds), out
+
+
+def test_magic_next_to_dattri_prints_the_table_and_both_lds_agree():
+    pytest.importorskip("dattri", reason='the attribution extra: pip install -e ".[attribution]"')
+    pytest.importorskip("sklearn", reason='the examples extra: pip install -e ".[examples]"')
+    out = run_python([ROOT / "examples/magic_vs_trak.py", "--targets", "2", "--subsets", "8", "--seeds", "2"]).stdout
+    row = re.search(r"^\| seedreg metagradient \| ([\d.-]+) / ([\d.-]+) \|", out, re.MULTILINE)
+    assert row and float(row.group(1)) > 0.8 and float(row.group(2)) > 0.8, out
+    assert "| dattri TRAK" in out and "| dattri influence function" in out
+    assert float(re.search(r"differ by at most (\S+)$", out, re.MULTILINE).group(1)) < 1e-6

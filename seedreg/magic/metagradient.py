@@ -28,13 +28,17 @@ class MetagradientResult:
     - ``target``: the target's value after training;
     - ``model``: the trained model (its parameters and buffers as after the last step);
     - ``stats``: ``steps``, ``states_kept`` (the most training states held at once),
-      ``seconds_forward`` and ``seconds_backward``.
+      ``seconds_forward`` and ``seconds_backward``;
+    - ``sign``: ``"loss"``, the convention of ``grad`` (d target / d w: positive when weighting the
+      example up raises the target). dattri and TRAK give "helpfulness" (the opposite sign for a
+      loss): ``lds_score(..., sign=result.sign)`` scores either correctly.
     """
 
     grad: torch.Tensor
     target: float
     model: torch.nn.Module
     stats: Dict[str, Any]
+    sign: str = "loss"
 
 
 def _check_buffers(model: torch.nn.Module, before: Dict[str, torch.Tensor]) -> None:
