@@ -237,7 +237,7 @@ class DeterministicSampler(Sampler[int]):
         self._resumed_at_end = not self._exhausted and self.position >= self.num_samples
 
 
-class _ShufflingSampler(DeterministicSampler, RandomSampler):  # type: ignore[misc]
+class _ShufflingSampler(DeterministicSampler, RandomSampler):
     """A shuffling :class:`DeterministicSampler`, seen as a ``RandomSampler`` by ``isinstance``
     (tools warn that scores of a shuffled loader come in its order). Everything it does is
     DeterministicSampler's."""
@@ -246,6 +246,6 @@ class _ShufflingSampler(DeterministicSampler, RandomSampler):  # type: ignore[mi
     replacement = False
     generator = None
 
-    @property
-    def data_source(self) -> range:
-        return range(self.dataset_size)
+    def __init__(self, dataset_size: int, **kwargs: Any) -> None:
+        super().__init__(dataset_size, **kwargs)
+        self.data_source = range(self.dataset_size)

@@ -49,3 +49,27 @@ def test_magic_next_to_dattri_prints_the_table_and_both_lds_agree():
     assert row and float(row.group(1)) > 0.8 and float(row.group(2)) > 0.8, out
     assert "| dattri TRAK" in out and "| dattri influence function" in out
     assert float(re.search(r"differ by at most (\S+)$", out, re.MULTILINE).group(1)) < 1e-6
+
+
+def test_magic_scores_study_gathers_the_single_process_matrix_from_two_tasks(tmp_path):
+    """One training run into a store; two study tasks (local processes) compute slices of the test
+    set's score matrix from it without training; gathered, it equals one process's matrix."""
+    pytest.importorskip("sklearn", reason='the examples extra: pip install -e ".[examples]"')
+    import subprocess
+    import sys
+
+    from .conftest import child_env
+
+    script = ROOT / "examples/magic_scores_study.py"
+    where = ["--store", tmp_path / "magic", "--root", tmp_path / "scores"]
+    assert "trained: True" in run_python([script, *where, "--train"]).stdout
+    tasks = [subprocess.Popen([sys.executable, script, *map(str, where), "--task", str(k), "--num-tasks", "2"], env=child_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
+    outs = [t.communicate(timeout=300) for t in tasks]
+    assert all(t.returncode == 0 for t in tasks), outs
+    assert "trained here: False" in outs[0][0] + outs[1][0]
+    out = run_python([script, *where, "--gather", "--check", "--subsets", "8"]).stdout
+    assert "score matrix: 8 test examples x 400 training examples" in out
+    assert "largest difference from one process's matrix: 0.0e+00" in out
+    lds = [float(v) for v in re.findall(r"weight-0 retrains: (-?[\d.]+)", out)]
+    assert len(lds) == 2 and min(lds) > 0.8, out

@@ -178,7 +178,7 @@ def test_bad_input_is_refused_naming_the_argument_and_the_fix():
         magic.metagradient(model, loader, torch.optim.RMSprop(model.parameters(), lr=0.1), **kw)
     with pytest.raises(SeedregError, match=r"one per example of the batch.*reduction='none'"):
         magic.metagradient(model, loader, magic.SGD(0.1), **{**kw, "loss": F.cross_entropy})
-    with pytest.raises(SeedregError, match="`target\\(f\\)` must return a scalar"):
+    with pytest.raises(SeedregError, match="`target\\(f\\)` must return a floating-point scalar, or a 1-d tensor"):
         magic.metagradient(model, loader, magic.SGD(0.1), **{**kw, "target": lambda f: f(TEST.x)})
     with pytest.raises(SeedregError, match="allow_low_precision=True"):
         magic.metagradient(s.build_model(Net, "half").to(torch.bfloat16), loader, magic.SGD(0.1), **kw)

@@ -26,7 +26,7 @@ or any other global random draw inside the forward pass is replayed exactly.
 """
 
 from .checkpoints import SCHEDULES, StepCheckpoints
-from .metagradient import MetagradientResult, metagradient
+from .metagradient import MetagradientResult, Trained, metagradient, train
 from .optimizers import SGD, Adam, AdamW
 
-__all__ = ["Adam", "AdamW", "MetagradientResult", "SCHEDULES", "SGD", "StepCheckpoints", "metagradient"]
+__all__ = ["Adam", "AdamW", "MetagradientResult", "SCHEDULES", "SGD", "StepCheckpoints", "Trained", "metagradient", "train"]

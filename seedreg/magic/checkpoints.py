@@ -260,11 +260,12 @@ class StepCheckpoints:
             buffer = io.BytesIO()
             torch.save(tensors, buffer)
             blob = buffer.getvalue()
-            atomic_write(self.store / f"step-{step}.pt", blob)
-            # the JSON half names its run and step and the digest of the tensors' file: checked at every read
+            # the JSON half names its run and step and the digest of the tensors' file: checked at every read.
+            # Written first, so that a tensor file is never left behind that no JSON of its run proves.
             meta = {"format": _STORE_FORMAT, "run": self.run_id, "step": step,
                     "tensors": "sha256:" + hashlib.sha256(blob).hexdigest(), "session": state["session"]}
             atomic_write(self.store / f"step-{step}.json", json.dumps(meta).encode())
+            atomic_write(self.store / f"step-{step}.pt", blob)
             self.saved[step] = None
         self.peak_states = max(self.peak_states, len(self.saved))
 

@@ -3,39 +3,42 @@ adjoint through each exactly replayed step (see :mod:`seedreg.magic`)."""
 
 from __future__ import annotations
 
-import copy
 import math
+import pathlib
 import sys
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import attrs
 import torch
 
 from ..errors import SeedregError
 from .checkpoints import SCHEDULES, StepCheckpoints
-from .stepper import Adjoint, Stepper
+from .runstore import RunStore, definition
+from .stepper import Adjoint, Stepper, vjp
 from .steps import make_steps
 
-__all__ = ["MetagradientResult", "metagradient"]
+__all__ = ["MetagradientResult", "Trained", "metagradient", "train"]
 
 
 @attrs.frozen
 class MetagradientResult:
     """What :func:`metagradient` returns.
 
-    - ``grad``: d target / d w at w = 1, a tensor with one entry per training example;
-    - ``target``: the target's value after training;
+    - ``grad``: d target / d w at w = 1, a tensor with one entry per training example, or
+      ``(k, examples)`` for a target of k values;
+    - ``target``: the target's value after training (a list of k values for a vector target);
     - ``model``: the trained model (its parameters and buffers as after the last step);
     - ``stats``: ``steps``, ``states_kept`` (the most training states held at once),
-      ``seconds_forward`` and ``seconds_backward``;
+      ``seconds_forward``, ``seconds_backward``, ``reverse_passes`` and ``trained`` (whether this
+      call trained: False when a :class:`Trained` run is asked again);
     - ``sign``: ``"loss"``, the convention of ``grad`` (d target / d w: positive when weighting the
       example up raises the target). dattri and TRAK give "helpfulness" (the opposite sign for a
       loss): ``lds_score(..., sign=result.sign)`` scores either correctly.
     """
 
     grad: torch.Tensor
-    target: float
+    target: Any
     model: torch.nn.Module
     stats: Dict[str, Any]
     sign: str = "loss"
@@ -82,9 +85,21 @@ def _tensors(value: Any) -> list:
 
 
 class _Checkpoints(StepCheckpoints):
-    """StepCheckpoints that takes a step's batch from the training pass's cache when it is there."""
+    """StepCheckpoints that takes a step's batch from the training pass's cache when it is there,
+    and keeps its states in a run store's directory (claimed, or adopted from another process)."""
 
     batches: _BatchCache
+
+    def claim(self, directory: pathlib.Path) -> None:
+        """Keep states in `directory`, replacing the states of an interrupted run of this store."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.store = directory
+        self._claim_store(True)
+
+    def adopt(self, directory: pathlib.Path, run: str, saved: List[int], done: int) -> None:
+        """Read the states another process wrote for this run (each checked against its digest)."""
+        self.store, self.run_id, self.done = directory, run, done
+        self.saved = {step: None for step in saved}
 
     def _batch(self, step: int) -> Tuple[torch.Tensor, Any]:
         kept = self.batches.kept.get(step)
@@ -151,8 +166,7 @@ def _losses(loss: Any, example_losses: Any) -> Callable[[torch.nn.Module, Any], 
     return from_pairs
 
 
-def _check_options(epochs: Any, accumulate: Any, max_grad_norm: Any, scheduler: Any, optimizer: Any, target: Any,
-                   schedule: Any) -> None:
+def _check_options(epochs: Any, accumulate: Any, max_grad_norm: Any, scheduler: Any, optimizer: Any, schedule: Any) -> None:
     if type(epochs) is not int or epochs < 1:
         raise ValueError(f"`epochs` must be an int >= 1, got {epochs!r}.")
     if type(accumulate) is not int or accumulate < 1:
@@ -168,19 +182,127 @@ def _check_options(epochs: Any, accumulate: Any, max_grad_norm: Any, scheduler: 
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             raise TypeError("`scheduler` is ReduceLROnPlateau, which steps on a metric the training loop does not have; use a "
                             "scheduler that steps once per optimizer step.")
-    if not callable(target):
-        raise TypeError(f"`target` must be callable, got {target!r}.")
     if schedule not in SCHEDULES:
         raise ValueError(f"`schedule` must be one of {list(SCHEDULES)}, got {schedule!r}.")
 
 
-def metagradient(
+class Trained:
+    """A training run kept for attribution: :func:`train` made it. ``model`` is the trained model
+    (the plain loop's), ``stats`` what training cost; :meth:`metagradient` computes the
+    metagradients of any target through the run, as often as asked, without training again."""
+
+    def __init__(self, *, model: torch.nn.Module, stepper: Stepper, checkpoints: Any, batches: _BatchCache, total: int,
+                 stats: Dict[str, Any], was_training: bool) -> None:
+        self.model = model
+        self.stats = stats
+        self._stepper = stepper
+        self._checkpoints = checkpoints
+        self._batches = batches
+        self._total = total
+        self._was_training = was_training
+
+    def __repr__(self) -> str:
+        return f"Trained({type(self.model).__name__}, {self._total} steps, trained={self.stats.get('trained')})"
+
+    def _target(self, target: Callable[..., Any]) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+        """The target's value (a scalar or k values) and its gradients, k rows each, with respect
+        to the final trainable parameters and BatchNorm statistics (zeros where it ignores them)."""
+        stepper, model = self._stepper, self.model
+        model.eval()
+        try:
+            final = {n: p.detach().clone().requires_grad_() for n, p in zip(stepper.names, stepper.params)}
+            stats = {n: b.detach().clone().requires_grad_() for n, b in model.named_buffers() if n in stepper.stat_names}
+            with torch.enable_grad():
+                def f(*args: Any, **kwargs: Any) -> Any:
+                    return stepper.evaluate(final, stats, args, kwargs)
+
+                value = target(f)
+                if (not isinstance(value, torch.Tensor) or value.dim() > 1 or value.numel() < 1
+                        or not value.is_floating_point()):
+                    raise SeedregError(f"`target(f)` must return a floating-point scalar, or a 1-d tensor of k values (one "
+                                       f"per test example), got {value!r:.80}.")
+                inputs = [*final.values(), *stats.values()]
+                rows = value.reshape(-1)
+                k = len(rows)
+                raw = vjp([rows], inputs, [torch.eye(k, dtype=rows.dtype, device=rows.device)], k) if value.requires_grad \
+                    else [None] * len(inputs)
+        finally:
+            model.train()
+        grads = [torch.zeros((k, *i.shape), dtype=i.dtype, device=i.device) if g is None else g.detach() for i, g in zip(inputs, raw)]
+        return value.detach(), grads[: len(final)], grads[len(final) :]
+
+    def metagradient(self, target: Callable[..., Any], *, chunk: Optional[int] = None) -> MetagradientResult:
+        """d target / d w through the run. `target(f)` returns a scalar (``grad`` has one entry per
+        training example) or k values, one per test example (``grad`` is ``(k, examples)``, row j
+        the metagradient of entry j): the k adjoints travel the reverse pass together, `chunk` of
+        them at a time to bound memory (each chunk is one reverse pass)."""
+        if not callable(target):
+            raise TypeError(f"`target` must be callable, got {target!r}.")
+        if chunk is not None and (type(chunk) is not int or chunk < 1):
+            raise ValueError(f"`chunk` must be an int >= 1 (targets per reverse pass) or None (all at once), got {chunk!r}.")
+        started = time.perf_counter()
+        value, param_grads, stat_grads = self._target(target)
+        k = param_grads[0].shape[0]
+        weights = self._stepper.weights
+        grad = torch.zeros((k, *weights.shape), dtype=weights.dtype, device=weights.device)
+        passes = 0
+        if any(bool(g.any()) for g in (*param_grads, *stat_grads)):  # else exactly 0: the reverse pass is linear
+            size = k if chunk is None else chunk
+            for lo in range(0, k, size):
+                grad[lo : lo + size] = self._reverse([g[lo : lo + size] for g in param_grads], [g[lo : lo + size] for g in stat_grads])
+                passes += 1
+        self.model.train(self._was_training)
+        stats = {**self.stats, "seconds_backward": time.perf_counter() - started, "reverse_passes": passes,
+                 "states_kept": self._checkpoints.peak_states}
+        return MetagradientResult(grad=grad[0] if value.dim() == 0 else grad,
+                                  target=float(value) if value.dim() == 0 else value.tolist(), model=self.model, stats=stats)
+
+    def _reverse(self, param_grads: List[torch.Tensor], stat_grads: List[torch.Tensor]) -> torch.Tensor:
+        """One reverse pass for a chunk of adjoints; the trained state is put back after it."""
+        checkpoints, stepper = self._checkpoints, self._stepper
+        progress = _Progress(self._total)
+        adjoint = Adjoint(param_grads, stat_grads, stepper.weights)
+        trained = checkpoints.capture()
+        done = [0]
+
+        def pull(s: int, indices: torch.Tensor, batch: Any) -> None:
+            stepper.pull(s, indices, batch, adjoint)
+            done[0] += 1
+            progress("backward", done[0])
+
+        self.model.train()
+        checkpoints.reverse(pull, forward=stepper.take)
+        # the reverse pass left the state before step 0: put the trained one back (model, gradients,
+        # optimizer, scheduler, generators and loader positions as the plain loop leaves them)
+        checkpoints._apply(trained, last_use=True)
+        return adjoint.grad
+
+
+def _train(loader: Any, epochs: int, stepper: Stepper, checkpoints: Any, batches: _BatchCache, progress: "_Progress",
+           model: torch.nn.Module) -> None:
+    """The plain loop, keeping checkpoints and batches."""
+    others = {n: b.detach().clone() for n, b in model.named_buffers() if n not in stepper.tracked}
+    checkpoints.maybe_save(0)
+    step = 0
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            indices = torch.tensor(loader.indices_at(step)[1], dtype=torch.long)
+            batches.keep(step, indices, batch)
+            stepper.take(step, indices, batch)
+            if step == 0:
+                _check_buffers(model, others)
+            step += 1
+            checkpoints.maybe_save(step)
+            progress("forward", step)
+
+
+def train(
     model: torch.nn.Module,
     loader: Any,
     optimizer: Any,
     *,
     epochs: int,
-    target: Callable[[Callable[..., Any]], torch.Tensor],
     loss: Optional[Callable[[Any, Any], torch.Tensor]] = None,
     example_losses: Optional[Callable[[torch.nn.Module, Any], torch.Tensor]] = None,
     scheduler: Any = None,
@@ -188,40 +310,35 @@ def metagradient(
     accumulate: int = 1,
     schedule: str = "sqrt",
     allow_low_precision: bool = False,
-) -> MetagradientResult:
-    """Train `model` for `epochs` on `loader` with `optimizer`, as a plain loop does, then return
-    d target / d w, with w a weight per training example (all 1).
+    store: Any = None,
+) -> Trained:
+    """Train `model` as :func:`metagradient` does (the arguments are its own) and keep the run for
+    attribution: ``trained.metagradient(target)`` for any number of targets, without retraining.
 
-    - `loader`: a map-style loader from ``session.build_dataloader``. The training loss of a batch
-      is ``mean(w[indices] * losses) / accumulate``: the counterfactual is the same run with the
-      same batches, an example's loss weighted by its w (w = 0: dropped, its batch otherwise
-      unchanged).
-    - `optimizer`: a ``torch.optim.SGD``, ``Adam`` or ``AdamW`` built on the model's parameters
-      (every param group with its own hyperparameters; its state if it has stepped), or
-      ``magic.SGD``/``magic.Adam``/``magic.AdamW``. Parameters with ``requires_grad=False`` or
-      in no group stay constant and are not differentiated.
-    - `loss(output, y)`: one loss per example (``reduction="none"``), for ``(x, y)`` batches; or
-      `example_losses(model, batch)`: the per-example losses of any batch (tuples with extras,
-      dicts for Hugging Face models).
-    - `scheduler`: a ``torch.optim.lr_scheduler`` on `optimizer`, stepped after each optimizer
-      step; every hyperparameter it changes (lr, momentum, betas) is followed.
-    - `max_grad_norm`: ``clip_grad_norm_`` over the trainable parameters before each optimizer
-      step; `accumulate`: loader batches per optimizer step (counted within an epoch; an epoch's
-      last partial group steps too).
-    - `target(f)`: a scalar tensor from ``f``, the model in eval mode as a function of its final
-      parameters and buffers (``f(x_test)``, or ``f(**inputs)``). A target that does not depend
-      on the model has metagradient 0.
-    - `schedule`: how :class:`~seedreg.StepCheckpoints` keeps states for the reverse pass
-      (``"sqrt"``: about 2 sqrt(steps) states and two forward passes; ``"log"``; ``"uniform"``).
+    With `store` (a directory) the checkpoints live on disk, with the run's definition (master
+    seed, initial weights, loader key and data, optimizer and scheduler settings, epochs, schedule,
+    accumulation, clipping). Another process that builds the same run and calls ``train(...,
+    store=DIR)`` gets ``stats["trained"] is False``, the trained weights (and optimizer, scheduler
+    and loader positions) and bit-identical metagradients; a store of another definition is a
+    StateError naming what differs; a run killed while training is trained again; a second process
+    calling while one trains is told so.
 
-    The model trains in place and is returned as ``result.model``, with the optimizer and scheduler
-    left as the plain loop leaves them. A non-finite training loss raises naming the step and the
-    examples; low precision (half-precision parameters, or autocast inside ``forward``) needs
-    ``allow_low_precision=True``.
+    >>> import torch.nn.functional as F
+    >>> from seedreg import SeedSession, magic
+    >>> s = SeedSession(0).setup()
+    >>> model = s.build_model(torch.nn.Linear, "m", in_features=3, out_features=2).double()
+    >>> data = torch.utils.data.TensorDataset(torch.randn(8, 3, dtype=torch.float64), torch.arange(8) % 2)
+    >>> loader = s.build_dataloader(data, "train", batch_size=4, shuffle=True)
+    >>> run = magic.train(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), epochs=2,
+    ...                   loss=lambda out, y: F.cross_entropy(out, y, reduction="none"))
+    >>> x, y = torch.randn(3, 3, dtype=torch.float64), torch.tensor([0, 1, 1])
+    >>> scores = run.metagradient(lambda f: F.cross_entropy(f(x), y, reduction="none"))  # 3 test examples
+    >>> tuple(scores.grad.shape)
+    (3, 8)
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-    _check_options(epochs, accumulate, max_grad_norm, scheduler, optimizer, target, schedule)
+    _check_options(epochs, accumulate, max_grad_norm, scheduler, optimizer, schedule)
     losses = _losses(loss, example_losses)
     steps = make_steps(optimizer, model)
     params = steps.params
@@ -247,63 +364,92 @@ def metagradient(
     model.train()
     opt, extra = steps.checkpointed()
     batches = _BatchCache()
+    runstore = None
+    if store is not None:
+        runstore = RunStore(store, definition(session=session, model=model, loader=loader, optimizer=optimizer,
+                                              scheduler=scheduler, epochs=epochs, schedule=schedule, accumulate=accumulate,
+                                              max_grad_norm=max_grad_norm))
+        stored = runstore.complete()
     checkpoints = _Checkpoints(session, model, opt, loader, schedule=schedule, every=1 if schedule == "uniform" else None,
                                steps=None if schedule == "uniform" else total,
                                extra=extra + ([scheduler] if scheduler is not None else []))
     checkpoints.batches = batches
-
-    others = {n: b.detach().clone() for n, b in model.named_buffers() if n not in stepper.tracked}
     started = time.perf_counter()
-    checkpoints.maybe_save(0)
-    step = 0
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        for batch in loader:
-            indices = torch.tensor(loader.indices_at(step)[1], dtype=torch.long)
-            batches.keep(step, indices, batch)
-            stepper.take(step, indices, batch)
-            if step == 0:
-                _check_buffers(model, others)
-            step += 1
-            checkpoints.maybe_save(step)
-            progress("forward", step)
-    forward_seconds = time.perf_counter() - started
-
-    started = time.perf_counter()
-    model.eval()
+    if runstore is not None and stored is not None:  # trained by another process: its final state
+        checkpoints.adopt(runstore.states, stored["run"], stored["saved"], stored["steps"])
+        checkpoints._apply(checkpoints._read(total))
+        stats = {"steps": total, "states_kept": len(stored["saved"]), "seconds_forward": time.perf_counter() - started,
+                 "trained": False}
+        return Trained(model=model, stepper=stepper, checkpoints=checkpoints, batches=batches, total=total, stats=stats,
+                       was_training=was_training)
+    if runstore is not None:
+        runstore.begin()
+        checkpoints.claim(runstore.states)
     try:
-        final = {n: p.detach().clone().requires_grad_() for n, p in zip(stepper.names, params)}
-        stats = {n: b.detach().clone().requires_grad_() for n, b in model.named_buffers() if n in stepper.stat_names}
-        with torch.enable_grad():
-            def f(*args: Any, **kwargs: Any) -> Any:
-                return stepper.evaluate(final, stats, args, kwargs)
-
-            value = target(f)
-            if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
-                raise SeedregError(f"`target(f)` must return a scalar floating-point tensor, got {value!r:.80}.")
-            inputs = [*final.values(), *stats.values()]
-            raw = (torch.autograd.grad(value.reshape(()), inputs, allow_unused=True) if value.requires_grad
-                   else (None,) * len(inputs))
+        _train(loader, epochs, stepper, checkpoints, batches, progress, model)
+        if runstore is not None:
+            if total not in checkpoints.saved:  # the trained state, for the processes that reuse the run
+                checkpoints._put(total, checkpoints.capture())
+            runstore.finish(checkpoints.run_id, sorted(checkpoints.saved), total)
     finally:
-        model.train()
-    grads = [torch.zeros_like(i) if g is None else g.detach() for i, g in zip(inputs, raw)]
-    k = len(final)  # `stats` follows stepper.stat_names (both in named_buffers() order)
-    adjoint = Adjoint(grads[:k], grads[k:], weights)
-    if value.requires_grad:  # a target that ignores the model: its metagradient is exactly 0
-        trained = checkpoints.capture()
-        backward_done = [0]
-
-        def pull(s: int, indices: torch.Tensor, batch: Any) -> None:
-            stepper.pull(s, indices, batch, adjoint)
-            backward_done[0] += 1
-            progress("backward", backward_done[0])
-
-        checkpoints.reverse(pull, forward=stepper.take)
-        # the reverse pass left the state before step 0: put the trained one back (model, gradients,
-        # optimizer, scheduler, generators and loader positions as the plain loop leaves them)
-        checkpoints._apply(copy.deepcopy(trained))
+        if runstore is not None:
+            runstore.release()
     model.train(was_training)
-    backward_seconds = time.perf_counter() - started
-    stats_out = {"steps": total, "states_kept": checkpoints.peak_states, "seconds_forward": forward_seconds,
-                 "seconds_backward": backward_seconds}
-    return MetagradientResult(grad=adjoint.grad.detach(), target=float(value.detach()), model=model, stats=stats_out)
+    stats = {"steps": total, "states_kept": checkpoints.peak_states, "seconds_forward": time.perf_counter() - started,
+             "trained": True}
+    return Trained(model=model, stepper=stepper, checkpoints=checkpoints, batches=batches, total=total, stats=stats,
+                   was_training=was_training)
+
+
+def metagradient(
+    model: torch.nn.Module,
+    loader: Any,
+    optimizer: Any,
+    *,
+    epochs: int,
+    target: Callable[[Callable[..., Any]], torch.Tensor],
+    loss: Optional[Callable[[Any, Any], torch.Tensor]] = None,
+    example_losses: Optional[Callable[[torch.nn.Module, Any], torch.Tensor]] = None,
+    scheduler: Any = None,
+    max_grad_norm: Optional[float] = None,
+    accumulate: int = 1,
+    schedule: str = "sqrt",
+    allow_low_precision: bool = False,
+    chunk: Optional[int] = None,
+) -> MetagradientResult:
+    """Train `model` for `epochs` on `loader` with `optimizer`, as a plain loop does, then return
+    d target / d w, with w a weight per training example (all 1): ``train(...).metagradient(target)``.
+
+    - `loader`: a map-style loader from ``session.build_dataloader``. The training loss of a batch
+      is ``mean(w[indices] * losses) / accumulate``: the counterfactual is the same run with the
+      same batches, an example's loss weighted by its w (w = 0: dropped, its batch otherwise
+      unchanged).
+    - `optimizer`: a ``torch.optim.SGD``, ``Adam`` or ``AdamW`` built on the model's parameters
+      (every param group with its own hyperparameters; its state if it has stepped), or
+      ``magic.SGD``/``magic.Adam``/``magic.AdamW``. Parameters with ``requires_grad=False`` or
+      in no group stay constant and are not differentiated.
+    - `loss(output, y)`: one loss per example (``reduction="none"``), for ``(x, y)`` batches; or
+      `example_losses(model, batch)`: the per-example losses of any batch (tuples with extras,
+      dicts for Hugging Face models).
+    - `scheduler`: a ``torch.optim.lr_scheduler`` on `optimizer`, stepped after each optimizer
+      step; every hyperparameter it changes (lr, momentum, betas) is followed.
+    - `max_grad_norm`: ``clip_grad_norm_`` over the trainable parameters before each optimizer
+      step; `accumulate`: loader batches per optimizer step (counted within an epoch; an epoch's
+      last partial group steps too).
+    - `target(f)`: a scalar tensor from ``f``, the model in eval mode as a function of its final
+      parameters and buffers (``f(x_test)``, or ``f(**inputs)``), or a 1-d tensor of k values (one
+      per test example: ``grad`` is then ``(k, examples)``, in chunks of `chunk` targets). A target
+      that does not depend on the model has metagradient 0.
+    - `schedule`: how :class:`~seedreg.StepCheckpoints` keeps states for the reverse pass
+      (``"sqrt"``: about 2 sqrt(steps) states and two forward passes; ``"log"``; ``"uniform"``).
+
+    The model trains in place and is returned as ``result.model``, with the optimizer and scheduler
+    left as the plain loop leaves them. A non-finite training loss raises naming the step and the
+    examples; low precision (half-precision parameters, or autocast inside ``forward``) needs
+    ``allow_low_precision=True``.
+    """
+    if not callable(target):
+        raise TypeError(f"`target` must be callable, got {target!r}.")
+    run = train(model, loader, optimizer, epochs=epochs, loss=loss, example_losses=example_losses, scheduler=scheduler,
+                max_grad_norm=max_grad_norm, accumulate=accumulate, schedule=schedule, allow_low_precision=allow_low_precision)
+    return run.metagradient(target, chunk=chunk)

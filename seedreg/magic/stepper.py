@@ -19,7 +19,7 @@ from torch.func import functional_call
 from ..errors import SeedregError
 from .steps import clip
 
-__all__ = ["Adjoint", "Stepper"]
+__all__ = ["Adjoint", "Stepper", "vjp"]
 
 Losses = Callable[[torch.nn.Module, Any], torch.Tensor]
 _LOW = (torch.float16, torch.bfloat16)
@@ -252,16 +252,37 @@ class Stepper:
                          plist, acc, [stats[n] for n in self.stat_names], slots, self.weights)
 
 
+def vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], adjoints: Sequence[torch.Tensor],
+        k: int) -> List[Optional[torch.Tensor]]:
+    """The vector-Jacobian products of `k` adjoints at once (each adjoint has a leading dimension
+    of k): one batched backward pass, or k passes over the one graph where an op has no batching rule."""
+    if not outputs:
+        return [None] * len(inputs)
+    if k == 1:
+        raw = torch.autograd.grad(outputs, inputs, grad_outputs=[a[0] for a in adjoints], allow_unused=True)
+        return [None if g is None else g.unsqueeze(0) for g in raw]
+    try:
+        return list(torch.autograd.grad(outputs, inputs, grad_outputs=list(adjoints), allow_unused=True,
+                                        is_grads_batched=True, retain_graph=True))
+    except RuntimeError:  # an op without a batching rule: the same products one adjoint at a time
+        rows = [torch.autograd.grad(outputs, inputs, grad_outputs=[a[j] for a in adjoints], allow_unused=True,
+                                    retain_graph=True) for j in range(k)]
+        return [None if all(r[i] is None for r in rows) else
+                torch.stack([torch.zeros_like(inputs[i]) if r[i] is None else r[i] for r in rows]) for i in range(len(inputs))]
+
+
 class Adjoint:
-    """The adjoint of the training state (parameters, accumulated gradients, BatchNorm statistics,
-    optimizer slots; None where a slot holds no tensor) and the metagradient accumulated so far."""
+    """The adjoints of the training state for `k` targets at once (parameters, accumulated
+    gradients, BatchNorm statistics, optimizer slots; each with a leading dimension of k; None
+    where a slot holds no tensor), and the metagradients accumulated so far, ``(k, examples)``."""
 
     def __init__(self, params: List[torch.Tensor], stats: List[torch.Tensor], weights: torch.Tensor) -> None:
+        self.k = params[0].shape[0] if params else stats[0].shape[0]
         self.params: List[Optional[torch.Tensor]] = list(params)
         self.acc: List[Optional[torch.Tensor]] = [None] * len(params)
         self.stats: List[Optional[torch.Tensor]] = list(stats)
         self.slots: List[Optional[torch.Tensor]] = []
-        self.grad = torch.zeros_like(weights)
+        self.grad = torch.zeros((self.k, *weights.shape), dtype=weights.dtype, device=weights.device)
 
     def pull(self, new_params: Sequence[torch.Tensor], new_acc: Sequence[Optional[torch.Tensor]],
              new_stats: Sequence[torch.Tensor], new_slots: Sequence[Optional[torch.Tensor]],
@@ -273,9 +294,7 @@ class Adjoint:
         pairs = [(o, a) for o, a in zip(outputs, adjoints) if o is not None and a is not None and o.requires_grad]
         groups: List[List[Optional[torch.Tensor]]] = [list(params), list(acc), list(stats), list(slots)]
         inputs = [t for g in groups for t in g if t is not None] + [weights]
-        raw: List[Optional[torch.Tensor]] = [None] * len(inputs)
-        if pairs:
-            raw = list(torch.autograd.grad([o for o, _ in pairs], inputs, grad_outputs=[a for _, a in pairs], allow_unused=True))
+        raw = vjp([o for o, _ in pairs], inputs, [a for _, a in pairs], self.k)
         found = iter([None if g is None else g.detach() for g in raw])
         out: List[List[Optional[torch.Tensor]]] = []
         for group in groups:
@@ -285,7 +304,8 @@ class Adjoint:
                     row.append(None)
                     continue
                 a = next(found)
-                row.append(torch.zeros_like(t) if a is None else a)  # no gradient: a zero adjoint
+                # no gradient: a zero adjoint
+                row.append(torch.zeros((self.k, *t.shape), dtype=t.dtype, device=t.device) if a is None else a)
             out.append(row)
         self.params, self.acc, self.stats, self.slots = out
         last = next(found)
