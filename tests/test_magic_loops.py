@@ -160,6 +160,7 @@ def check_against_finite_differences(run: Run, tolerance: float, entries: int = 
 def test_sgd_with_two_param_groups_and_frozen_batchnorm_affine_parameters() -> None:
     run = Run(two_groups)
     result, opt, _ = check_against_finite_differences(run, 1e-4)
+    assert result.stats["graphs_kept"] is True  # each segment taken once, its graphs kept: it reproduced the run
     plain, value, plain_opt, _ = run.retrain()
     # the trained model is the plain loop's, bit for bit (torch.optim's own step trains it)
     for name, tensor in plain.state_dict().items():
@@ -243,6 +244,26 @@ def test_a_transformer_encoder_layer_with_frozen_embeddings_adamw_warmup_and_cli
               max_grad_norm=1.0, model=Encoder, data=Tokens, losses=encoder_losses, target=encoder_target)
     result, _, _ = check_against_finite_differences(run, 3e-3)
     assert torch.equal(result.model.embed.weight, run.parts()[1].embed.weight)  # frozen: as built
+
+
+def test_a_reverse_pass_whose_kept_steps_do_not_reproduce_the_run_recomputes_them_exactly(monkeypatch) -> None:
+    """A model whose differentiated forward is not bit for bit its training forward (here: 1e-12 added
+    when its parameters are swapped for copies): the kept segment is refused at its checkpoint, every
+    step is recomputed from the restored state, and the result is that of the exact pass."""
+    class Odd(Net):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = super().forward(x)
+            return out if isinstance(self.fc1.weight, torch.nn.Parameter) else out + 1e-12
+
+    result = Run(two_groups, model=Odd).metagradient()[0]
+    assert result.stats["graphs_kept"] is False
+    import sys
+
+    monkeypatch.setattr(sys.modules["seedreg.magic.metagradient"]._Checkpoints, "kept_graphs", False)
+    exact = Run(two_groups, model=Odd).metagradient()[0]
+    assert torch.equal(result.grad, exact.grad)
+    plain = Run(two_groups, model=Odd).retrain()[0]
+    assert all(torch.equal(result.model.state_dict()[k], v) for k, v in plain.state_dict().items())
 
 
 # -- what it says, and what it refuses ---------------------------------------------------------------

@@ -14,7 +14,7 @@ import pathlib
 import re
 import secrets
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -400,22 +400,28 @@ class StepCheckpoints:
             self._reverse_log(0, self.done, step_fn, forward, 1)
             self.loader.seek(0)
             return
-        starts = sorted(s for s in self.saved if s < self.done)
-        for i in reversed(range(len(starts))):
-            lo = starts[i]
-            hi = starts[i + 1] if i + 1 < len(starts) else self.done
-            self._apply(self._get(lo))
-            segment = []
-            for s in range(lo, hi):
-                indices, batch = self._batch(s)
-                segment.append((self._capture_fast(), indices, batch))
-                self.peak_states = max(self.peak_states, len(self.saved) + len(segment))
-                forward(s, indices, batch)
-            for s in reversed(range(lo, hi)):
-                state, indices, batch = segment.pop()
-                self._apply(state, last_use=True)
-                step_fn(s, indices, batch)
+        for lo, hi in reversed(self._segments()):
+            self._reverse_segment(lo, hi, step_fn, forward)
         self.loader.seek(0)
+
+    def _segments(self) -> List[Tuple[int, int]]:
+        """(first step, end) of each stretch between checkpoints, in order."""
+        starts = sorted(s for s in self.saved if s < self.done)
+        return [(lo, starts[i + 1] if i + 1 < len(starts) else self.done) for i, lo in enumerate(starts)]
+
+    def _reverse_segment(self, lo: int, hi: int, step_fn: Callable[..., Any], forward: Callable[..., Any]) -> None:
+        """Steps hi-1 .. lo, each with the state before it restored (recomputed from checkpoint lo)."""
+        self._apply(self._get(lo))
+        segment = []
+        for s in range(lo, hi):
+            indices, batch = self._batch(s)
+            segment.append((self._capture_fast(), indices, batch))
+            self.peak_states = max(self.peak_states, len(self.saved) + len(segment))
+            forward(s, indices, batch)
+        for s in reversed(range(lo, hi)):
+            state, indices, batch = segment.pop()
+            self._apply(state, last_use=True)
+            step_fn(s, indices, batch)
 
     def _reverse_log(self, lo: int, hi: int, step_fn: Callable[..., Any], forward: Callable[..., Any], held: int) -> None:
         """Visit steps hi-1 .. lo; the state before `lo` is checkpoint `lo` (bisection, O(log) states)."""

@@ -30,8 +30,10 @@ class MetagradientResult:
     - ``target``: the target's value after training (a list of k values for a vector target);
     - ``model``: the trained model (its parameters and buffers as after the last step);
     - ``stats``: ``steps``, ``states_kept`` (the most training states held at once),
-      ``seconds_forward``, ``seconds_backward``, ``reverse_passes`` and ``trained`` (whether this
-      call trained: False when a :class:`Trained` run is asked again);
+      ``seconds_forward``, ``seconds_backward``, ``reverse_passes``, ``graphs_kept`` (whether the
+      reverse pass kept each segment's graphs, or recomputed its steps exactly because the kept
+      steps did not reproduce the run bit for bit) and ``trained`` (whether this call trained:
+      False when a :class:`Trained` run is asked again);
     - ``sign``: ``"loss"``, the convention of ``grad`` (d target / d w: positive when weighting the
       example up raises the target). dattri and TRAK give "helpfulness" (the opposite sign for a
       loss): ``lds_score(..., sign=result.sign)`` scores either correctly.
@@ -95,6 +97,45 @@ class _Checkpoints(StepCheckpoints):
         directory.mkdir(parents=True, exist_ok=True)
         self.store = directory
         self._claim_store(True)
+
+    kept_graphs = True  # False once a kept segment did not reproduce the run (then: recomputed exactly)
+
+    def reverse_kept(self, stepper: Stepper, adjoint: Adjoint, progress: "_Progress", final: Dict[str, Any]) -> None:
+        """The reverse pass, each segment's steps taken once with their graphs kept and then pulled
+        back in reverse, when the segment reproduces the run bit for bit (checked against the next
+        checkpoint, or the trained state); otherwise, and for the log schedule, recomputed exactly
+        (the state before each step restored, the step differentiated again)."""
+        done = [0]
+
+        def pull(s: int, indices: torch.Tensor, batch: Any) -> None:
+            stepper.pull(s, indices, batch, adjoint)
+            done[0] += 1
+            progress("backward", done[0])
+
+        if self.every is None:
+            self.reverse(pull, forward=stepper.take)
+            return
+        for lo, hi in reversed(self._segments()):
+            records: Optional[List[Any]] = None
+            if self.kept_graphs:
+                self._apply(self._get(lo))
+                records = []
+                for s in range(lo, hi):
+                    indices, batch = self._batch(s)
+                    records.append(stepper.advance(s, indices, batch))
+                    self.peak_states = max(self.peak_states, len(self.saved) + len(records))
+                expected = self._get(hi)["model"] if hi in self.saved else final["model"]
+                now = self.model.state_dict()
+                if not all(torch.equal(now[k], v) for k, v in expected.items()):
+                    records, self.kept_graphs = None, False
+            if records is None:
+                self._reverse_segment(lo, hi, pull, stepper.take)
+                continue
+            for s in reversed(range(lo, hi)):
+                adjoint.pull(records.pop(), stepper.weights)
+                done[0] += 1
+                progress("backward", done[0])
+        self.loader.seek(0)
 
     def adopt(self, directory: pathlib.Path, run: str, saved: List[int], done: int) -> None:
         """Read the states another process wrote for this run (each checked against its digest)."""
@@ -253,25 +294,17 @@ class Trained:
                 passes += 1
         self.model.train(self._was_training)
         stats = {**self.stats, "seconds_backward": time.perf_counter() - started, "reverse_passes": passes,
-                 "states_kept": self._checkpoints.peak_states}
+                 "states_kept": self._checkpoints.peak_states, "graphs_kept": self._checkpoints.kept_graphs}
         return MetagradientResult(grad=grad[0] if value.dim() == 0 else grad,
                                   target=float(value) if value.dim() == 0 else value.tolist(), model=self.model, stats=stats)
 
     def _reverse(self, param_grads: List[torch.Tensor], stat_grads: List[torch.Tensor]) -> torch.Tensor:
         """One reverse pass for a chunk of adjoints; the trained state is put back after it."""
         checkpoints, stepper = self._checkpoints, self._stepper
-        progress = _Progress(self._total)
         adjoint = Adjoint(param_grads, stat_grads, stepper.weights)
         trained = checkpoints.capture()
-        done = [0]
-
-        def pull(s: int, indices: torch.Tensor, batch: Any) -> None:
-            stepper.pull(s, indices, batch, adjoint)
-            done[0] += 1
-            progress("backward", done[0])
-
         self.model.train()
-        checkpoints.reverse(pull, forward=stepper.take)
+        checkpoints.reverse_kept(stepper, adjoint, _Progress(self._total), trained)
         # the reverse pass left the state before step 0: put the trained one back (model, gradients,
         # optimizer, scheduler, generators and loader positions as the plain loop leaves them)
         checkpoints._apply(trained, last_use=True)

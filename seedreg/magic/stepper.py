@@ -176,10 +176,11 @@ class Stepper:
     # -- the step as a function ----------------------------------------------------------------------
 
     def _call(self, params: Dict[str, torch.Tensor], fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any],
-              hook: Callable[..., Any], *, pre: bool) -> Any:
+              hook: Callable[..., Any], *, pre: bool, live: bool = False) -> Any:
         """`fn(model, *args, **kwargs)` with the model's trainable parameters replaced by `params`,
-        copies of its buffers (which BatchNorm updates in place), and `hook` on each BatchNorm layer."""
-        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+        copies of its buffers (which BatchNorm updates in place; with `live`, its own buffers), and
+        `hook` on each BatchNorm layer."""
+        buffers = {n: b if live else b.detach().clone() for n, b in self.model.named_buffers()}
         handles = []
         for prefix, norm in self.norms:
             bound = functools.partial(hook, name=(prefix + ".") if prefix else "", buffers=buffers)
@@ -192,7 +193,8 @@ class Stepper:
             for h in handles:
                 h.remove()
 
-    def _forward(self, params: Dict[str, torch.Tensor], stats: Dict[str, torch.Tensor], batch: Any) -> Tuple[Any, Dict[str, torch.Tensor]]:
+    def _forward(self, params: Dict[str, torch.Tensor], stats: Dict[str, torch.Tensor], batch: Any, *,
+                 live: bool = False) -> Tuple[Any, Dict[str, torch.Tensor]]:
         """The per-example losses in training mode and the BatchNorm running statistics they lead
         to, as differentiable functions of `params` and `stats`."""
         new_stats: Dict[str, torch.Tensor] = {}
@@ -208,7 +210,7 @@ class Stepper:
             new_stats[name + "running_mean"] = (1 - factor) * stats[name + "running_mean"] + factor * mean
             new_stats[name + "running_var"] = (1 - factor) * stats[name + "running_var"] + factor * var
 
-        return self._call(params, self.losses, (batch,), {}, hook, pre=True), new_stats
+        return self._call(params, self.losses, (batch,), {}, hook, pre=True, live=live), new_stats
 
     def evaluate(self, params: Dict[str, torch.Tensor], stats: Dict[str, torch.Tensor], args: Tuple[Any, ...],
                  kwargs: Dict[str, Any]) -> Any:
@@ -225,9 +227,10 @@ class Stepper:
 
         return self._call(params, lambda model, *a, **k: model(*a, **k), args, kwargs, hook, pre=False)
 
-    def pull(self, step: int, indices: torch.Tensor, batch: Any, adjoint: "Adjoint") -> None:
-        """Pull `adjoint` back through step `step` (the state before it restored): the step again as
-        a differentiable function of the state and the weights, then a vector-Jacobian product."""
+    def differentiate(self, step: int, indices: torch.Tensor, batch: Any, *, live: bool = False) -> Tuple[Tuple[Any, ...], Any]:
+        """Step `step` from the state it stands in, as a differentiable function of that state and
+        the weights: (the record :meth:`Adjoint.pull` takes, the raw gradients). With `live`, the
+        model's own buffers take BatchNorm's in-place updates, as in training."""
         micro, last, number = self.position(step)
         params = {n: p.detach().clone().requires_grad_() for n, p in zip(self.names, self.params)}
         plist = list(params.values())
@@ -239,7 +242,7 @@ class Stepper:
             acc = [None if p.grad is None else p.grad.detach().clone().requires_grad_() for p in self.params]
         slots = [None if s is None else s.detach().clone().requires_grad_() for s in self.steps.slots()]
         with torch.enable_grad():
-            per_example, new_stats = self._forward(params, stats, batch)
+            per_example, new_stats = self._forward(params, stats, batch, live=live)
             loss = self._loss(per_example, indices, self.weights, step)
             raw = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
             new_acc = [g if a is None else (a if g is None else a + g) for a, g in zip(acc, raw)]
@@ -248,8 +251,36 @@ class Stepper:
                 new_params, new_slots = self.steps.functional(plist, grads, slots, number)
             else:
                 new_params, new_slots = plist, slots
-            adjoint.pull(new_params, new_acc, [new_stats.get(n, stats[n]) for n in self.stat_names], new_slots,
-                         plist, acc, [stats[n] for n in self.stat_names], slots, self.weights)
+        record = (new_params, new_acc, [new_stats.get(n, stats[n]) for n in self.stat_names], new_slots,
+                  plist, acc, [stats[n] for n in self.stat_names], slots)
+        return record, raw
+
+    def pull(self, step: int, indices: torch.Tensor, batch: Any, adjoint: "Adjoint") -> None:
+        """Pull `adjoint` back through step `step` (the state before it restored): the step again as
+        a differentiable function of the state and the weights, then a vector-Jacobian product."""
+        record, _ = self.differentiate(step, indices, batch)
+        adjoint.pull(record, self.weights)
+
+    def advance(self, step: int, indices: torch.Tensor, batch: Any) -> Tuple[Any, ...]:
+        """Step `step` as :meth:`take` takes it, its gradient computed once with the graph kept:
+        the state moves on (the optimizer's own step, the scheduler's), and the step's record is
+        returned for a later :meth:`Adjoint.pull` (no recomputation in the reverse pass)."""
+        micro, last, number = self.position(step)
+        if micro == 0:
+            for q in self.model.parameters():
+                q.grad = None
+        record, raw = self.differentiate(step, indices, batch, live=True)
+        with torch.no_grad():
+            for p, g in zip(self.params, raw):
+                if g is not None:
+                    p.grad = g.detach().clone() if p.grad is None else p.grad.add_(g.detach())
+        if last:
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            self.steps.take(number)
+            if self.scheduler is not None:
+                self.scheduler.step()
+        return record
 
 
 def vjp(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], adjoints: Sequence[torch.Tensor],
@@ -284,10 +315,10 @@ class Adjoint:
         self.slots: List[Optional[torch.Tensor]] = []
         self.grad = torch.zeros((self.k, *weights.shape), dtype=weights.dtype, device=weights.device)
 
-    def pull(self, new_params: Sequence[torch.Tensor], new_acc: Sequence[Optional[torch.Tensor]],
-             new_stats: Sequence[torch.Tensor], new_slots: Sequence[Optional[torch.Tensor]],
-             params: Sequence[torch.Tensor], acc: Sequence[Optional[torch.Tensor]], stats: Sequence[torch.Tensor],
-             slots: Sequence[Optional[torch.Tensor]], weights: torch.Tensor) -> None:
+    def pull(self, record: Tuple[Any, ...], weights: torch.Tensor) -> None:
+        """Pull the adjoints back through one step's `record` (from :meth:`Stepper.differentiate`):
+        its outputs (new parameters, accumulated gradients, statistics, slots) and inputs."""
+        new_params, new_acc, new_stats, new_slots, params, acc, stats, slots = record
         slots_adjoint = self.slots + [None] * (len(new_slots) - len(self.slots))
         outputs = [*new_params, *new_acc, *new_stats, *new_slots]
         adjoints = [*self.params, *self.acc, *self.stats, *slots_adjoint]
