@@ -108,3 +108,14 @@ def test_a_traced_gpu_model_replays_with_no_divergence(tmp_path):
     path = run(SeedSession(3)).dump(tmp_path / "m.json")
     report = run(SeedSession.from_manifest(path)).replay_report()
     assert report["first_divergence"] is None and report["verdict"] == "bitwise", report["reasons"]
+
+
+def test_a_metagradient_on_cuda_is_bitwise_across_processes_with_states_on_the_host_or_the_device():
+    """TinyCNN (BatchNorm, dropout) on the GPU in deterministic mode, 8 test examples as one vector
+    target: two fresh processes give the same bits, and so do host-offloaded and device-kept states."""
+    from .conftest import SCRIPTS
+
+    runs = [json.loads(run_python([SCRIPTS / "magic_cuda.py"]).stdout.strip().splitlines()[-1]) for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert runs[0]["host"] == runs[0]["device"]
+    assert runs[0]["host"]["shape"] == [8, 64] and runs[0]["host"]["device"].startswith("cuda")

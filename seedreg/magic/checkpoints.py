@@ -156,13 +156,28 @@ class StepCheckpoints:
         state["rng"] = rng.capture_raw()
         return state
 
+    #: where states of tensors on an accelerator are kept: on the host (the default; a GPU's memory
+    #: would hold 2 sqrt(steps) copies of the weights and optimizer state) or on their device
+    offload = True
+
+    def _copy(self, value: Any) -> Any:
+        """A copy of `value` (a tensor, or containers of them), on the host when `offload`."""
+        if isinstance(value, torch.Tensor):
+            t = value.detach()
+            return t.to("cpu", copy=True) if self.offload and t.device.type != "cpu" else t.clone()
+        if isinstance(value, dict):
+            return {k: self._copy(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._copy(v) for v in value)
+        return copy.deepcopy(value)
+
     def _capture_training(self) -> Dict[str, Any]:
         return {
-            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "model": {k: self._copy(v) for k, v in self.model.state_dict().items()},
             # gradients a loop accumulates across steps are part of the state (None: no gradient)
-            "grads": [None if p.grad is None else p.grad.detach().clone() for p in self.model.parameters()],
-            "optimizer": [copy.deepcopy(opt.state_dict()) for opt in self._optimizers],
-            "extra": [copy.deepcopy(e[0]() if isinstance(e, tuple) else e.state_dict()) for e in self.extra],
+            "grads": [None if p.grad is None else self._copy(p.grad) for p in self.model.parameters()],
+            "optimizer": [self._copy(opt.state_dict()) for opt in self._optimizers],
+            "extra": [self._copy(e[0]() if isinstance(e, tuple) else e.state_dict()) for e in self.extra],
         }
 
     def _apply(self, state: Mapping[str, Any], *, last_use: bool = False) -> None:
@@ -175,7 +190,10 @@ class StepCheckpoints:
         with torch.no_grad():
             self.model.load_state_dict(state["model"])
         for p, grad in zip(self.model.parameters(), state["grads"]):
-            p.grad = None if grad is None else (grad if last_use else grad.clone())
+            if grad is not None and grad.device != p.device:  # kept on the host
+                p.grad = grad.to(p.device)
+            else:
+                p.grad = None if grad is None else (grad if last_use else grad.clone())
         for opt, opt_state in zip(self._optimizers, state["optimizer"]):
             opt.load_state_dict(keep(opt_state))
         for e, st in zip(self.extra, state["extra"]):

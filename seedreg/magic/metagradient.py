@@ -126,7 +126,7 @@ class _Checkpoints(StepCheckpoints):
                     self.peak_states = max(self.peak_states, len(self.saved) + len(records))
                 expected = self._get(hi)["model"] if hi in self.saved else final["model"]
                 now = self.model.state_dict()
-                if not all(torch.equal(now[k], v) for k, v in expected.items()):
+                if not stepper.ranks.all_agree(all(torch.equal(now[k], v) for k, v in expected.items())):
                     records, self.kept_graphs = None, False
             if records is None:
                 self._reverse_segment(lo, hi, pull, stepper.take)
@@ -301,14 +301,16 @@ class Trained:
     def _reverse(self, param_grads: List[torch.Tensor], stat_grads: List[torch.Tensor]) -> torch.Tensor:
         """One reverse pass for a chunk of adjoints; the trained state is put back after it."""
         checkpoints, stepper = self._checkpoints, self._stepper
-        adjoint = Adjoint(param_grads, stat_grads, stepper.weights)
+        world = stepper.ranks.world  # each rank holds its share of the adjoint (ranks.py)
+        adjoint = Adjoint([g / world for g in param_grads] if world > 1 else param_grads,
+                          [g / world for g in stat_grads] if world > 1 else stat_grads, stepper.weights)
         trained = checkpoints.capture()
         self.model.train()
         checkpoints.reverse_kept(stepper, adjoint, _Progress(self._total), trained)
         # the reverse pass left the state before step 0: put the trained one back (model, gradients,
         # optimizer, scheduler, generators and loader positions as the plain loop leaves them)
         checkpoints._apply(trained, last_use=True)
-        return adjoint.grad
+        return stepper.ranks.sum_(adjoint.grad)
 
 
 def _train(loader: Any, epochs: int, stepper: Stepper, checkpoints: Any, batches: _BatchCache, progress: "_Progress",
@@ -344,6 +346,7 @@ def train(
     schedule: str = "sqrt",
     allow_low_precision: bool = False,
     store: Any = None,
+    offload: bool = True,
 ) -> Trained:
     """Train `model` as :func:`metagradient` does (the arguments are its own) and keep the run for
     attribution: ``trained.metagradient(target)`` for any number of targets, without retraining.
@@ -354,7 +357,9 @@ def train(
     store=DIR)`` gets ``stats["trained"] is False``, the trained weights (and optimizer, scheduler
     and loader positions) and bit-identical metagradients; a store of another definition is a
     StateError naming what differs; a run killed while training is trained again; a second process
-    calling while one trains is told so.
+    calling while one trains is told so. `offload` keeps the checkpoints of a model on a GPU in host
+    memory (the default: the device would hold 2 sqrt(steps) copies of the weights and optimizer
+    state); ``offload=False`` keeps them on the device. The bits are the same either way.
 
     >>> import torch.nn.functional as F
     >>> from seedreg import SeedSession, magic
@@ -371,6 +376,9 @@ def train(
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise SeedregError("`model` is wrapped in DistributedDataParallel; pass the plain module (ddp.module): "
+                           "metagradient averages the gradients across ranks itself, as DDP does, and differentiates that.")
     _check_options(epochs, accumulate, max_grad_norm, scheduler, optimizer, schedule)
     losses = _losses(loss, example_losses)
     steps = make_steps(optimizer, model)
@@ -395,6 +403,11 @@ def train(
     progress = _Progress(total)
     was_training = model.training
     model.train()
+    if stepper.ranks.world > 1:
+        agreed = definition(session=session, model=model, loader=loader, optimizer=optimizer, scheduler=scheduler,
+                            epochs=epochs, schedule=schedule, accumulate=accumulate, max_grad_norm=max_grad_norm)
+        agreed["loader"].pop("data")  # each rank's shard differs
+        stepper.ranks.check(model, loader, stepper.stat_names, agreed)
     opt, extra = steps.checkpointed()
     batches = _BatchCache()
     runstore = None
@@ -407,6 +420,7 @@ def train(
                                steps=None if schedule == "uniform" else total,
                                extra=extra + ([scheduler] if scheduler is not None else []))
     checkpoints.batches = batches
+    checkpoints.offload = offload
     started = time.perf_counter()
     if runstore is not None and stored is not None:  # trained by another process: its final state
         checkpoints.adopt(runstore.states, stored["run"], stored["saved"], stored["steps"])
@@ -449,6 +463,7 @@ def metagradient(
     schedule: str = "sqrt",
     allow_low_precision: bool = False,
     chunk: Optional[int] = None,
+    offload: bool = True,
 ) -> MetagradientResult:
     """Train `model` for `epochs` on `loader` with `optimizer`, as a plain loop does, then return
     d target / d w, with w a weight per training example (all 1): ``train(...).metagradient(target)``.
@@ -474,7 +489,8 @@ def metagradient(
       per test example: ``grad`` is then ``(k, examples)``, in chunks of `chunk` targets). A target
       that does not depend on the model has metagradient 0.
     - `schedule`: how :class:`~seedreg.StepCheckpoints` keeps states for the reverse pass
-      (``"sqrt"``: about 2 sqrt(steps) states and two forward passes; ``"log"``; ``"uniform"``).
+      (``"sqrt"``: about 2 sqrt(steps) states and two forward passes; ``"log"``; ``"uniform"``);
+      `offload`: keep the states of a model on a GPU in host memory (default) or on the device.
 
     The model trains in place and is returned as ``result.model``, with the optimizer and scheduler
     left as the plain loop leaves them. A non-finite training loss raises naming the step and the
@@ -484,5 +500,6 @@ def metagradient(
     if not callable(target):
         raise TypeError(f"`target` must be callable, got {target!r}.")
     run = train(model, loader, optimizer, epochs=epochs, loss=loss, example_losses=example_losses, scheduler=scheduler,
-                max_grad_norm=max_grad_norm, accumulate=accumulate, schedule=schedule, allow_low_precision=allow_low_precision)
+                max_grad_norm=max_grad_norm, accumulate=accumulate, schedule=schedule, allow_low_precision=allow_low_precision,
+                offload=offload)
     return run.metagradient(target, chunk=chunk)

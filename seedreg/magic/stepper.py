@@ -17,6 +17,7 @@ import torch
 from torch.func import functional_call
 
 from ..errors import SeedregError
+from .ranks import Ranks
 from .steps import clip
 
 __all__ = ["Adjoint", "Stepper", "vjp"]
@@ -89,6 +90,7 @@ class Stepper:
         buffers = dict(model.named_buffers())
         self.stat_names = [n for n in buffers if n in self.tracked and buffers[n].is_floating_point()]
         self.checked_precision = False
+        self.ranks = Ranks()
 
     # -- where a loader step stands ----------------------------------------------------------------
 
@@ -156,13 +158,20 @@ class Stepper:
                     done = None
                     self.checked_precision = True
                 loss = self._loss(per_example, indices, self.weights.detach(), step)
-                if not bool(torch.isfinite(loss)):
+                if not self.ranks.all_agree(bool(torch.isfinite(loss))):
                     bad = _nonfinite_examples(batch, indices) or indices[~torch.isfinite(per_example.detach()).cpu()].tolist()
+                    where = f" on rank {self.ranks.rank}" if self.ranks.world > 1 else ""
                     raise SeedregError(
-                        f"the training loss is not finite at step {step} (dataset indices {bad or indices.tolist()} of that "
-                        f"batch): a NaN or infinity in those examples or in the model; the metagradient would be NaN."
+                        f"the training loss is not finite at step {step}{where} (dataset indices {bad or indices.tolist()} of "
+                        f"that batch): a NaN or infinity in those examples or in the model; the metagradient would be NaN."
                     )
-                loss.backward()
+                if self.ranks.world > 1:  # DistributedDataParallel's average, accumulated into .grad
+                    raw = torch.autograd.grad(loss, self.params, allow_unused=True)
+                    with torch.no_grad():
+                        for t, g in zip(self.params, self.ranks.average_(list(raw), self.params)):
+                            t.grad = g if t.grad is None else t.grad.add_(g)
+                else:
+                    loss.backward()
         finally:
             if done is not None:
                 done()
@@ -245,6 +254,8 @@ class Stepper:
             per_example, new_stats = self._forward(params, stats, batch, live=live)
             loss = self._loss(per_example, indices, self.weights, step)
             raw = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
+            if self.ranks.world > 1:
+                raw = tuple(self.ranks.average(raw, plist))
             new_acc = [g if a is None else (a if g is None else a + g) for a, g in zip(acc, raw)]
             if last:
                 grads = clip(new_acc, self.max_grad_norm) if self.max_grad_norm is not None else new_acc

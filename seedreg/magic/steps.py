@@ -181,7 +181,8 @@ class FunctionalSteps:
         return [s.detach().clone() for s in self.state]
 
     def set_state(self, state: List[torch.Tensor]) -> None:
-        self.state = [s.detach().clone() for s in state]
+        device = self.params[0].device  # a state kept on the host comes back to the parameters' device
+        self.state = [s.detach().to(device, copy=True) for s in state]
 
     def checkpointed(self) -> Tuple[Any, List[Any]]:
         return None, [(self.get_state, self.set_state)]
