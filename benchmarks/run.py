@@ -652,6 +652,35 @@ def bench_metagradient(t: Table, q: bool) -> None:
               note=f"{kept} states x {size / 1e3:.1f} kB = {kept * size / 1e6:.2f} MB bytes")
 
 
+def bench_metagradient_ranks(t: Table, q: bool) -> None:
+    """examples/magic_ddp.py: 2 gloo ranks (each its half of every global batch of 8) against one
+    process on the same global batches: what the differentiated all-reduce costs."""
+    import subprocess
+    import tempfile
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+    import magic_ddp as ex
+
+    from seedreg import magic
+
+    def single() -> float:
+        model, loader, opt = ex.parts()
+        start = time.perf_counter()
+        magic.metagradient(model, loader, opt, epochs=ex.EPOCHS, loss=ex.per_example, target=ex.target)
+        return time.perf_counter() - start
+
+    def ranks() -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            proc = subprocess.run([sys.executable, ex.__file__, "--out", os.path.join(tmp, "r.json")], capture_output=True,
+                                  text=True, check=True)
+        return max(r["seconds"] for r in json.loads(proc.stdout.strip().splitlines()[-1]))
+
+    single()
+    base = statistics.median(single() for _ in range(1 if q else 3))
+    ours = statistics.median(ranks() for _ in range(1 if q else 3))
+    t.add("metagradient, 2 gloo ranks vs 1 process on the same global batches (MLP, 8 steps)", ours, base, "(measured)", True)
+
+
 def bench_metagradient_transformer(t: Table, q: bool) -> None:
     """examples/magic_transformer.py: a tiny GPT-2 fine-tuned with frozen embeddings, AdamW with two
     groups, a warm-up scheduler and clipping; one metagradient against one plain training run."""
@@ -711,6 +740,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "study": lambda: bench_study(t, args.quick, tmp, args.study_scale),
             "checkpoints": lambda: bench_checkpoints(t, args.quick), "metagradient": lambda: bench_metagradient(t, args.quick),
             "metagradient_transformer": lambda: bench_metagradient_transformer(t, args.quick),
+            "metagradient_ranks": lambda: bench_metagradient_ranks(t, args.quick),
             "trace": lambda: bench_trace(t, args.quick), "epoch": lambda: bench_epoch(t, args.quick),
         }
         chosen = args.only.split(",") if args.only else list(benches)

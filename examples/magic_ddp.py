@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -92,8 +93,9 @@ def ddp_run(weights):
 def worker(check: bool) -> dict:
     torch.set_num_threads(1)
     model, loader, opt = parts()
+    start = time.perf_counter()
     result = magic.metagradient(model, loader, opt, epochs=EPOCHS, loss=per_example, target=target)
-    out = {"rank": dist.get_rank(), "entries": len(result.grad), "target": result.target,
+    out = {"rank": dist.get_rank(), "entries": len(result.grad), "target": result.target, "seconds": time.perf_counter() - start,
            "grad": hashlib.sha256(result.grad.numpy().tobytes()).hexdigest()}
     if check:
         plain, value = ddp_run(torch.ones(N, dtype=torch.float64))

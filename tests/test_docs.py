@@ -58,7 +58,7 @@ def test_the_command_line_page_is_the_parsers_help():
 
 def test_doctests_become_console_blocks():
     pytest = __import__("pytest")
-    pytest.importorskip("griffe")  # the docs extra
+    pytest.importorskip("griffe", reason="the docs extra: pip install -e \".[docs]\"")  # the docs extra
     spec = importlib.util.spec_from_file_location("doctest_fences", DOCS / "doctest_fences.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -23,7 +23,7 @@ def _printed(out: str, name: str) -> str:
 
 
 def test_lightning_example_continues_and_replays(tmp_path):
-    pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("lightning.pytorch", reason="the lightning extra: pip install -e \".[lightning]\"")
     script = ROOT / "examples" / "lightning_train.py"
     whole = run_python([script, tmp_path / "whole"]).stdout
     run_python([script, tmp_path / "run", "--max-steps", "10"])
@@ -35,8 +35,8 @@ def test_lightning_example_continues_and_replays(tmp_path):
 
 
 def test_hf_example_resumes_and_replays(tmp_path):
-    pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
+    pytest.importorskip("transformers", reason="the transformers extra: pip install -e \".[transformers]\"")
+    pytest.importorskip("accelerate", reason="the transformers extra: pip install -e \".[transformers]\"")
     script = ROOT / "examples" / "hf_train.py"
     whole = run_python([script, tmp_path / "whole"]).stdout
     stopped = run_python([script, tmp_path / "run", "--stop-at", "10"]).stdout

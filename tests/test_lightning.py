@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-pl = pytest.importorskip("lightning.pytorch")
+pl = pytest.importorskip("lightning.pytorch", reason="the lightning extra: pip install -e \".[lightning]\"")
 
 from seedreg import SeedregError, SeedSession  # noqa: E402
 from seedreg.integrations.lightning import SeedregCallback  # noqa: E402

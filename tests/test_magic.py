@@ -197,8 +197,8 @@ def test_metagradient_example_matches_unrolled_autograd():
 @pytest.mark.slow
 def test_magic_lds_example_on_digits(tmp_path):
     """The real-data example, small: it prints a cost ratio and an LDS per drop fraction, and the scatter."""
-    pytest.importorskip("sklearn")
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn", reason="the examples extra: pip install -e \".[examples]\"")
+    pytest.importorskip("matplotlib", reason="the examples extra: pip install -e \".[examples]\"")
     out = run_python([ROOT / "examples/magic_lds.py", "--targets", "1", "--subsets", "8", "--plot", tmp_path / "s.png"]).stdout
     assert re.search(r"metagradient: \S+ s a target, \S+x one training run", out)
     for fraction in ("1%", "5%"):

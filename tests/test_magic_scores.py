@@ -89,7 +89,7 @@ def test_a_run_killed_while_training_is_trained_again_and_a_second_trainer_is_to
     whole = stored(tmp_path / "whole")
     again = stored(tmp_path / "run")  # the killed process is gone: its lock is stale, the run trains
     assert again["trained"] is True and (again["weights"], again["grad"]) == (whole["weights"], whole["grad"])
-    slow = subprocess.Popen([sys.executable, SCRIPTS / "magic_store.py", tmp_path / "busy", "--hold", "1.0"],
+    slow = subprocess.Popen([sys.executable, SCRIPTS / "magic_store.py", tmp_path / "busy", "--hold", "0.5"],
                             env=child_env(), stdout=subprocess.PIPE, text=True)
     try:
         import time

@@ -26,7 +26,7 @@ def same_study(root, reference):
 
 @pytest.mark.slow
 def test_submitit_job_array(tmp_path, local_study):
-    pytest.importorskip("submitit")
+    pytest.importorskip("submitit", reason="the examples extra: pip install -e \".[examples]\"")
     out = run_python([ROOT / "examples" / "lds_study_submitit.py", "--root", tmp_path / "study", "--tasks", "3", "--local",
                       "--epochs", EPOCHS]).stdout
     assert "3 tasks trained 12 models" in out and "audit clean" in out
@@ -35,7 +35,7 @@ def test_submitit_job_array(tmp_path, local_study):
 
 @pytest.mark.slow
 def test_ray_tasks(tmp_path, local_study):
-    pytest.importorskip("ray")
+    pytest.importorskip("ray", reason="Ray (not an extra: pip install ray)")
     out = run_python([ROOT / "examples" / "lds_study_ray.py", "--root", tmp_path / "study", "--epochs", EPOCHS], timeout=400).stdout
     assert "Ray trained 12 models" in out and "audit clean" in out
     same_study(tmp_path / "study", local_study)

@@ -452,7 +452,7 @@ class TestLdsScore:
         outputs[4, 2] = np.nan
         per = lds_score(scores, masks, outputs, per_target=True)
         assert np.isnan(per[2]) and np.isfinite(per[:2]).all()
-        scipy = pytest.importorskip("scipy.stats")
+        scipy = pytest.importorskip("scipy.stats", reason="scipy: pip install -e \".[examples]\"")
         ref = [scipy.spearmanr(masks @ scores[:, t], outputs[:, t]).correlation for t in range(3)]
         np.testing.assert_allclose(per, ref, rtol=1e-6, equal_nan=True)
 

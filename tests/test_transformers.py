@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
+pytest.importorskip("transformers", reason="the transformers extra: pip install -e \".[transformers]\"")
+pytest.importorskip("accelerate", reason="the transformers extra: pip install -e \".[transformers]\"")
 
 from transformers import TrainingArguments  # noqa: E402
 

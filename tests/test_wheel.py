@@ -41,8 +41,13 @@ def test_an_installed_wheel_imports_every_subpackage_outside_the_checkout(wheel,
         "assert pathlib.Path(seedreg.__file__).is_relative_to(pathlib.Path(r'%s')), seedreg.__file__\n"
         "mods = sorted(m.name for m in pkgutil.walk_packages(seedreg.__path__, 'seedreg.'))\n"
         "for m in mods:\n"
-        "    if m != 'seedreg.__main__':\n"
+        "    if m == 'seedreg.__main__':\n"
+        "        continue\n"
+        "    try:\n"
         "        importlib.import_module(m)\n"
+        "    except ImportError as exc:  # an integration whose framework (an extra) is not installed\n"
+        "        if not (m.startswith('seedreg.integrations.') and 'pip install' in str(exc)):\n"
+        "            raise\n"
         "print(' '.join(mods))\n" % site
     )
     import os
