@@ -168,6 +168,10 @@ class Replay:
         if not changed:
             return ""
         listed = ", ".join(f"{d['key']} {d['recorded']!r} -> {d['current']!r}" for d in changed)
+        unset = {"deterministic_algorithms", "cudnn_deterministic", "deterministic_warn_only"}
+        if self.manifest.applied and any(d["key"] in unset and d["recorded"] and not d["current"] for d in changed):
+            return (f"the recorded run's deterministic settings are not applied here ({listed}): call setup() on the "
+                    f"replaying session first, SeedSession.from_manifest(path).setup(), as the recorded run did; then ")
         return (f"this process's environment differs from the recorded run's ({listed}), which alone changes results "
                 f"(replay with strict=False for a 'statistical' verdict, or restore it); then ")
 

@@ -90,3 +90,17 @@ class TestReplayAcrossProcesses:
         run_train(tmp_path / "a", "--manifest", str(manifest), "--workers", "0")
         proc = run_python([SCRIPTS / "train.py", "--out", tmp_path / "b", "--replay", manifest, "--extra-component", "--workers", "0"], check=False)
         assert proc.returncode != 0 and "ReplayMismatchError" in proc.stderr and "'augment'" in proc.stderr
+
+
+def test_a_strict_replay_without_setup_names_the_missing_call(tmp_path):
+    """The README's replay followed without `.setup()`: the recorded run's deterministic settings are
+    missing, the global generators unseeded, a result differs; the error says which call is missing."""
+    path = tmp_path / "run.json"
+    record = ("import sys, torch; from seedreg import SeedSession\n"
+              "s = SeedSession(0).setup(); s.record_result('draw', torch.rand(3)); s.dump(sys.argv[1])\n")
+    run_python(["-c", record, path])
+    replay = ("import sys, torch; from seedreg import SeedSession, ReplayMismatchError\n"
+              "s = SeedSession.from_manifest(sys.argv[1])\n"
+              "try:\n    s.record_result('draw', torch.rand(3))\nexcept ReplayMismatchError as exc:\n    print(exc)\n")
+    out = run_python(["-c", replay, path]).stdout
+    assert "call setup() on the replaying session first, SeedSession.from_manifest(path).setup()" in out, out
