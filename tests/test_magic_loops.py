@@ -182,6 +182,34 @@ def test_gradient_accumulation_over_two_batches() -> None:
     assert all(torch.equal(result.model.state_dict()[k], v) for k, v in plain.state_dict().items())
 
 
+def test_accumulation_with_an_epochs_last_partial_group() -> None:
+    """4 batches an epoch, 3 per optimizer step: each epoch steps after batches 3 and 4 (the partial group)."""
+    run = Run(two_groups, accumulate=3)
+    result, _, _ = check_against_finite_differences(run, 1e-4)
+    plain = run.retrain()[0]
+    assert all(torch.equal(result.model.state_dict()[k], v) for k, v in plain.state_dict().items())
+
+
+def warm_adam(model: Net) -> torch.optim.Optimizer:
+    """torch.optim.Adam (amsgrad) that has already stepped twice: its state (step counts, moments) is read."""
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, amsgrad=True, weight_decay=1e-3)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(6, FEATURES, generator=g, dtype=torch.float64)).square().mean().backward()
+        opt.step()
+    return opt
+
+
+def test_an_optimizer_that_has_stepped_before_is_read_with_its_state() -> None:
+    run = Run(warm_adam)
+    result, opt, _ = check_against_finite_differences(run, 3e-3)
+    plain, _, plain_opt, _ = run.retrain()
+    assert all(torch.equal(result.model.state_dict()[k], v) for k, v in plain.state_dict().items())
+    assert all(float(opt.state[p]["step"]) == float(plain_opt.state[q]["step"]) == 2 + EPOCHS * 4
+               for p, q in zip(result.model.parameters(), plain.parameters()) if p.requires_grad)
+
+
 def test_dict_batches_through_example_losses() -> None:
     check_against_finite_differences(Run(two_groups, as_dict=True), 1e-4)
 
