@@ -639,6 +639,18 @@ def bench_metagradient(t: Table, q: bool) -> None:
                   batched, singles, "<= 0.6x", batched / singles <= 0.6)
             t.add("metagradient, demo CNN: each further scalar target on a trained run vs one training run", singles / 16, base,
                   "<= 2x", singles / 16 / base <= 2.0)
+            # the schedules: uniform keeps every state (no recomputation), sqrt about 2 sqrt(T)
+            by_schedule = {}
+            for schedule in ("uniform", "sqrt"):
+                model, loader = parts()
+                start = time.perf_counter()
+                res = magic.metagradient(model, loader, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                                         epochs=epochs, schedule=schedule, loss=lambda out, y: F.cross_entropy(out, y, reduction="none"),
+                                         target=lambda f: F.cross_entropy(f(x_test), y_test))
+                by_schedule[schedule] = (time.perf_counter() - start, res.stats["states_kept"])
+            (tu, ku), (ts, ks) = by_schedule["uniform"], by_schedule["sqrt"]
+            t.add(f"metagradient, demo CNN: uniform schedule ({ku} states held) vs sqrt ({ks} states held)", tu, ts,
+                  "<= 1.0x (never slower)", tu <= ts * 1.02)
             with_torch = [meta(True) for _ in range(1 if q else 3)]
             o = statistics.median(r[0] for r in with_torch)
             t.add("metagradient, demo CNN: torch.optim.SGD + CosineAnnealingLR object vs magic.SGD", o, ours,

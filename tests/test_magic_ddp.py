@@ -12,8 +12,14 @@ pytestmark = pytest.mark.slow
 
 
 def launch(tmp_path, *flags):
-    out = run_python([ROOT / "examples/magic_ddp.py", "--out", tmp_path / "ranks.json", *flags], timeout=300).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    """The example's 2 gloo ranks; a launch that gloo aborts in its teardown (seen now and then on a
+    loaded machine, as tests/test_distributed.py notes) is tried again."""
+    for attempt in range(3):
+        proc = run_python([ROOT / "examples/magic_ddp.py", "--out", tmp_path / "ranks.json", *flags], timeout=300, check=False)
+        if proc.returncode == 0:
+            return json.loads(proc.stdout.strip().splitlines()[-1])
+        if attempt == 2 or "terminate called without an active exception" not in proc.stderr:
+            raise AssertionError(f"exited {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
 def test_two_ranks_give_the_whole_datasets_metagradient_of_the_ddp_run(tmp_path) -> None:
