@@ -21,13 +21,14 @@ from .wordsums import checksum, checksums
 
 __all__ = ["checksum", "checksums", "find_nondeterminism"]
 
-def _tensors(value: Any) -> List[torch.Tensor]:
+def tensors_in(value: Any) -> List[torch.Tensor]:
+    """Every tensor in `value` (a tensor, or lists, tuples and dicts of them), in order."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
+        return [t for v in value for t in tensors_in(v)]
     if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
+        return [t for v in value.values() for t in tensors_in(v)]
     return []
 
 
@@ -102,13 +103,13 @@ def _record(model: torch.nn.Module, step_fn: Callable[[], Any]) -> Tuple[List[Tu
 
     def pre_hook(name: str) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: Any, kwargs: Any) -> None:
-            records.append((name, "input", [checksum(t) for t in _tensors((args, kwargs))]))
+            records.append((name, "input", [checksum(t) for t in tensors_in((args, kwargs))]))
 
         return hook
 
     def forward_hook(name: str) -> Callable[..., None]:
         def hook(module: torch.nn.Module, inputs: Any, output: Any) -> None:
-            tensors = _tensors(output)
+            tensors = tensors_in(output)
             records.append((name, "forward", [checksum(t) for t in tensors]))
             for t in tensors:
                 if t.requires_grad:

@@ -287,7 +287,7 @@ def test_a_reverse_pass_whose_kept_steps_do_not_reproduce_the_run_recomputes_the
     assert result.stats["graphs_kept"] is False
     import sys
 
-    monkeypatch.setattr(sys.modules["seedreg.magic.metagradient"]._Checkpoints, "kept_graphs", False)
+    monkeypatch.setattr(sys.modules["seedreg.magic.replayed"].RunCheckpoints, "kept_graphs", False)
     exact = Run(two_groups, model=Odd).metagradient()[0]
     assert torch.equal(result.grad, exact.grad)
     plain = Run(two_groups, model=Odd).retrain()[0]

@@ -5,13 +5,8 @@ positions) and re-runs any step from the nearest checkpoint, or visits every ste
 from __future__ import annotations
 
 import copy
-import hashlib
-import io
-import json
 import math
 import os
-import pathlib
-import re
 import secrets
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -20,17 +15,11 @@ import torch
 
 from .. import resume as _resume
 from .. import rng
-from ..errors import ManifestError, StateError
-from ..files import atomic_write, read_regular_file
+from .statestore import StateStore
 
 __all__ = ["SCHEDULES", "StepCheckpoints"]
 
 SCHEDULES = ("uniform", "sqrt", "log")
-_STORE_FORMAT = "seedreg-step-checkpoints"
-_STORE_FILE = "seedreg-store.json"  # the run a store belongs to
-_STATE_FILE = re.compile(r"step-\d+\.(pt|json)")
-_MAX_STATE_JSON = 1 << 30
-_MAX_STATE_TENSORS = 1 << 40
 
 
 class StepCheckpoints:
@@ -121,13 +110,10 @@ class StepCheckpoints:
                                 f"optimizer, a list of them, or None.")
         if not isinstance(overwrite, bool):
             raise TypeError(f"`overwrite` must be a bool, got {overwrite!r}.")
-        self.store = None if store is None else pathlib.Path(store)
         self.run_id = secrets.token_hex(16)  # this run's identity, written into the store and every state file
-        if self.store is not None:
-            if self.store.exists() and not self.store.is_dir():
-                raise ValueError(f"`store` {str(self.store)!r} is a file; give a directory for checkpoints (or None for memory).")
-            self.store.mkdir(parents=True, exist_ok=True)
-            self._claim_store(overwrite)
+        self._disk = None if store is None else StateStore(store, self.run_id)
+        if self._disk is not None:
+            self._disk.claim(overwrite)
         self.session = session
         self.model = model
         self.optimizer = optimizer
@@ -141,6 +127,11 @@ class StepCheckpoints:
         self.peak_states = 0  # the most states held at once (checkpoints and a reverse pass's)
         self._extra_states: Dict[int, Dict[str, Any]] = {}  # the log schedule's bisection points
         self._trace_offset: Optional[int] = None  # the session's trace number of step 0, once seen
+
+    @property
+    def store(self) -> Optional[Any]:
+        """The directory the states are kept in (a ``pathlib.Path``), or None (in memory)."""
+        return None if self._disk is None else self._disk.root
 
     # -- states ----------------------------------------------------------------------------------
 
@@ -202,88 +193,11 @@ class StepCheckpoints:
             else:
                 e.load_state_dict(keep(st))
 
-    def _claim_store(self, overwrite: bool) -> None:
-        """Make the store this run's: a store belongs to one run (an lr sweep given one directory
-        would otherwise replay one run from another's states). Another run's store is refused
-        unless `overwrite`, which removes only the state files that run's marker proves it wrote:
-        each ``step-N.json`` naming the marker's run, each ``step-N.pt`` matching the digest its
-        JSON half recorded. Anything else (a file seedreg did not write, a link, a directory) is a
-        StateError naming it, raised before anything is removed."""
-        assert self.store is not None
-        owner = self.store / _STORE_FILE
-        named = sorted(p for p in self.store.iterdir() if _STATE_FILE.fullmatch(p.name))
-        for path in [owner, *named]:
-            if path.is_symlink() or (path.exists() and not path.is_file()):
-                raise StateError(f"`store` {str(self.store)!r} holds {path.name}, which is a link or a directory: a store's "
-                                 f"files are regular files seedreg wrote. Move it, or give another directory.")
-        if not owner.exists() and not named:
-            atomic_write(owner, json.dumps({"format": _STORE_FORMAT, "run": self.run_id}).encode())
-            return
-        if not overwrite:
-            raise StateError(
-                f"`store` {str(self.store)!r} holds the checkpoints of another run ({_STORE_FILE} or step files); a store "
-                f"belongs to one run. Give each run its own directory, or pass overwrite=True to replace that run's states."
-            )
-        if not owner.exists():
-            raise StateError(f"`store` {str(self.store)!r} holds {named[0].name} but no {_STORE_FILE}: seedreg never claimed "
-                             f"this directory, so overwrite=True removes nothing from it. Give checkpoints a directory of "
-                             f"their own.")
-        try:
-            marker = json.loads(read_regular_file(owner, 1 << 16))
-        except (ManifestError, ValueError, RecursionError):
-            marker = None
-        if not isinstance(marker, dict) or marker.get("format") != _STORE_FORMAT or not isinstance(marker.get("run"), str):
-            raise StateError(f"{owner} is not a seedreg store marker; overwrite=True removes nothing it cannot prove "
-                             f"seedreg wrote. Give checkpoints another directory.")
-        proven = self._written_by(marker["run"], named)
-        for path in named:
-            if path not in proven:
-                raise StateError(f"{path} was not written by the run that claimed `store` {str(self.store)!r} (its "
-                                 f"{_STORE_FILE} does not prove it); overwrite=True removes only that run's states. Move "
-                                 f"the file, or give checkpoints another directory.")
-        for path in named:
-            path.unlink()
-        atomic_write(owner, json.dumps({"format": _STORE_FORMAT, "run": self.run_id}).encode())
-
-    def _written_by(self, run: str, named: Sequence[pathlib.Path]) -> set:
-        """The files of `named` that run `run` wrote: its step JSONs, and the tensor files whose
-        digest such a JSON recorded."""
-        proven = set()
-        for path in named:
-            if path.suffix != ".json":
-                continue
-            try:
-                meta = json.loads(read_regular_file(path, _MAX_STATE_JSON))
-            except (ManifestError, ValueError, RecursionError):
-                continue
-            if not (isinstance(meta, dict) and meta.get("format") == _STORE_FORMAT and meta.get("run") == run
-                    and path.name == f"step-{meta.get('step')}.json"):
-                continue
-            proven.add(path)
-            pt = path.with_suffix(".pt")
-            if pt in named:
-                digest = hashlib.sha256()
-                with open(pt, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 24), b""):
-                        digest.update(block)
-                if "sha256:" + digest.hexdigest() == meta.get("tensors"):
-                    proven.add(pt)
-        return proven
-
     def _put(self, step: int, state: Dict[str, Any]) -> None:
-        if self.store is None:
+        if self._disk is None:
             self.saved[step] = state
         else:
-            tensors = {k: state[k] for k in ("model", "grads", "optimizer", "extra")}
-            buffer = io.BytesIO()
-            torch.save(tensors, buffer)
-            blob = buffer.getvalue()
-            # the JSON half names its run and step and the digest of the tensors' file: checked at every read.
-            # Written first, so that a tensor file is never left behind that no JSON of its run proves.
-            meta = {"format": _STORE_FORMAT, "run": self.run_id, "step": step,
-                    "tensors": "sha256:" + hashlib.sha256(blob).hexdigest(), "session": state["session"]}
-            atomic_write(self.store / f"step-{step}.json", json.dumps(meta).encode())
-            atomic_write(self.store / f"step-{step}.pt", blob)
+            self._disk.write(step, state)
             self.saved[step] = None
         self.peak_states = max(self.peak_states, len(self.saved))
 
@@ -294,37 +208,9 @@ class StepCheckpoints:
         return self._read(step)
 
     def _read(self, step: int) -> Dict[str, Any]:
-        """State `step` from the store, whole and checked before anything is restored: a missing,
-        damaged, swapped or foreign file is a StateError naming the file and the step."""
-        assert self.store is not None
-        json_path, pt_path = self.store / f"step-{step}.json", self.store / f"step-{step}.pt"
-
-        def refuse(path: pathlib.Path, why: str) -> StateError:
-            return StateError(f"{path} (the state of step {step}) {why}; the store is damaged or was changed since this run wrote it.")
-
-        try:
-            meta = json.loads(read_regular_file(json_path, _MAX_STATE_JSON))
-        except (ManifestError, ValueError, RecursionError) as exc:
-            raise refuse(json_path, f"cannot be read: {str(exc).rstrip('.')}") from None
-        if not isinstance(meta, dict) or meta.get("format") != _STORE_FORMAT or set(meta) != {"format", "run", "step", "tensors", "session"}:
-            raise refuse(json_path, f"is not a seedreg checkpoint state ({_STORE_FORMAT!r})")
-        if meta["run"] != self.run_id:
-            raise refuse(json_path, "belongs to another run")
-        if meta["step"] != step or type(meta["step"]) is not int:
-            raise refuse(json_path, f"holds the state of step {meta['step']!r:.20}")
-        try:
-            blob = read_regular_file(pt_path, _MAX_STATE_TENSORS)
-        except ManifestError as exc:
-            raise refuse(pt_path, f"cannot be read: {str(exc).rstrip('.')}") from None
-        if "sha256:" + hashlib.sha256(blob).hexdigest() != meta["tensors"]:
-            raise refuse(pt_path, "does not match the digest its step recorded")
-        try:
-            tensors = torch.load(io.BytesIO(blob), weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - whatever torch says of a file whose digest matched
-            raise refuse(pt_path, f"cannot be loaded ({type(exc).__name__})") from None
-        if not isinstance(tensors, dict) or set(tensors) != {"model", "grads", "optimizer", "extra"}:
-            raise refuse(pt_path, "does not hold a training state")
-        return {**tensors, "session": meta["session"]}
+        """State `step` from the store, whole and checked before anything is restored."""
+        assert self._disk is not None
+        return self._disk.read(step)
 
     def maybe_save(self, step: int) -> bool:
         """Record that `step` steps are done; keep the state if the schedule asks. Returns whether it did."""

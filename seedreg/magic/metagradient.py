@@ -4,8 +4,6 @@ adjoint through each exactly replayed step (see :mod:`seedreg.magic`)."""
 from __future__ import annotations
 
 import math
-import pathlib
-import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -13,7 +11,8 @@ import attrs
 import torch
 
 from ..errors import SeedregError
-from .checkpoints import SCHEDULES, StepCheckpoints
+from .checkpoints import SCHEDULES
+from .replayed import BatchCache, Progress, RunCheckpoints, check_loader, train_loop
 from .runstore import RunStore, definition
 from .stepper import Adjoint, Stepper, vjp
 from .steps import make_steps
@@ -44,145 +43,6 @@ class MetagradientResult:
     model: torch.nn.Module
     stats: Dict[str, Any]
     sign: str = "loss"
-
-
-def _check_buffers(model: torch.nn.Module, before: Dict[str, torch.Tensor]) -> None:
-    """Refuse a model whose buffers other than BatchNorm's running statistics change in training:
-    they would be outside the differentiated state."""
-    now = dict(model.named_buffers())
-    for name, old in before.items():
-        if not torch.equal(now[name], old):
-            raise SeedregError(
-                f"buffer {name!r} of `model` changes during a training step; metagradient differentiates through "
-                f"BatchNorm's running statistics only, so this one would be left out and the metagradient wrong. "
-                f"Keep it constant in training (or make it a parameter)."
-            )
-
-
-class _BatchCache:
-    """The training pass's batches, kept for the reverse pass while they fit in `budget` bytes
-    (fetching a batch again, with its per-example streams, costs about as much as a small model's
-    step); past it the reverse pass fetches them again with ``loader.batch_at``."""
-
-    def __init__(self, budget: int = 256 << 20) -> None:
-        self.budget = budget
-        self.used = 0
-        self.kept: Dict[int, Tuple[torch.Tensor, Any]] = {}
-
-    def keep(self, step: int, indices: torch.Tensor, batch: Any) -> None:
-        size = sum(t.numel() * t.element_size() for t in _tensors(batch))
-        if self.used + size <= self.budget:
-            self.kept[step] = (indices, batch)
-            self.used += size
-
-
-def _tensors(value: Any) -> list:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
-
-
-class _Checkpoints(StepCheckpoints):
-    """StepCheckpoints that takes a step's batch from the training pass's cache when it is there,
-    and keeps its states in a run store's directory (claimed, or adopted from another process)."""
-
-    batches: _BatchCache
-
-    def claim(self, directory: pathlib.Path) -> None:
-        """Keep states in `directory`, replacing the states of an interrupted run of this store."""
-        directory.mkdir(parents=True, exist_ok=True)
-        self.store = directory
-        self._claim_store(True)
-
-    kept_graphs = True  # False once a kept segment did not reproduce the run (then: recomputed exactly)
-
-    def reverse_kept(self, stepper: Stepper, adjoint: Adjoint, progress: "_Progress", final: Dict[str, Any]) -> None:
-        """The reverse pass, each segment's steps taken once with their graphs kept and then pulled
-        back in reverse, when the segment reproduces the run bit for bit (checked against the next
-        checkpoint, or the trained state); otherwise, and for the log schedule, recomputed exactly
-        (the state before each step restored, the step differentiated again)."""
-        done = [0]
-
-        def pull(s: int, indices: torch.Tensor, batch: Any) -> None:
-            stepper.pull(s, indices, batch, adjoint)
-            done[0] += 1
-            progress("backward", done[0])
-
-        if self.every is None:
-            self.reverse(pull, forward=stepper.take)
-            return
-        for lo, hi in reversed(self._segments()):
-            records: Optional[List[Any]] = None
-            if self.kept_graphs:
-                self._apply(self._get(lo))
-                records = []
-                for s in range(lo, hi):
-                    indices, batch = self._batch(s)
-                    records.append(stepper.advance(s, indices, batch))
-                    self.peak_states = max(self.peak_states, len(self.saved) + len(records))
-                expected = self._get(hi)["model"] if hi in self.saved else final["model"]
-                now = self.model.state_dict()
-                if not stepper.ranks.all_agree(all(torch.equal(now[k], v) for k, v in expected.items())):
-                    records, self.kept_graphs = None, False
-            if records is None:
-                self._reverse_segment(lo, hi, pull, stepper.take)
-                continue
-            for s in reversed(range(lo, hi)):
-                adjoint.pull(records.pop(), stepper.weights)
-                done[0] += 1
-                progress("backward", done[0])
-        self.loader.seek(0)
-
-    def adopt(self, directory: pathlib.Path, run: str, saved: List[int], done: int) -> None:
-        """Read the states another process wrote for this run (each checked against its digest)."""
-        self.store, self.run_id, self.done = directory, run, done
-        self.saved = {step: None for step in saved}
-
-    def _batch(self, step: int) -> Tuple[torch.Tensor, Any]:
-        kept = self.batches.kept.get(step)
-        return kept if kept is not None else super()._batch(step)
-
-
-def _check_loader(loader: Any) -> Any:
-    from ..data import SeededDataLoader
-
-    if not isinstance(loader, SeededDataLoader):
-        raise SeedregError(
-            f"`loader` must be a map-style loader built by SeedSession.build_dataloader, got {type(loader).__name__}: "
-            f"metagradient re-fetches each step's batch with loader.batch_at(step)."
-        )
-    if not loader.dataset.per_example:
-        raise SeedregError("`loader` needs per-example streams (build_dataloader(..., seed_per_example=True), the default).")
-    if loader.dataset.indexed:
-        raise SeedregError(
-            "`loader` must yield the dataset's batches as they are: build it without with_indices, subset_mode='weight' "
-            "or example_weights (metagradient weights each example's loss itself)."
-        )
-    if loader._session is None:
-        raise SeedregError("`loader` was not built by SeedSession.build_dataloader (it has no session).")
-    return loader._session
-
-
-class _Progress:
-    """A line on a terminal for long runs; nothing when stderr is not a terminal."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.shown = sys.stderr.isatty()
-        self.last = 0.0
-
-    def __call__(self, phase: str, done: int) -> None:
-        now = time.monotonic()
-        if self.shown and (now - self.last > 0.5 or done == self.total):
-            self.last = now
-            sys.stderr.write(f"\rmetagradient: {phase} {done}/{self.total} steps")
-            if phase == "backward" and done == self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 def _losses(loss: Any, example_losses: Any) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
@@ -232,7 +92,7 @@ class Trained:
     (the plain loop's), ``stats`` what training cost; :meth:`metagradient` computes the
     metagradients of any target through the run, as often as asked, without training again."""
 
-    def __init__(self, *, model: torch.nn.Module, stepper: Stepper, checkpoints: Any, batches: _BatchCache, total: int,
+    def __init__(self, *, model: torch.nn.Module, stepper: Stepper, checkpoints: Any, batches: BatchCache, total: int,
                  stats: Dict[str, Any], was_training: bool) -> None:
         self.model = model
         self.stats = stats
@@ -306,30 +166,11 @@ class Trained:
                           [g / world for g in stat_grads] if world > 1 else stat_grads, stepper.weights)
         trained = checkpoints.capture()
         self.model.train()
-        checkpoints.reverse_kept(stepper, adjoint, _Progress(self._total), trained)
+        checkpoints.reverse_kept(stepper, adjoint, Progress(self._total), trained)
         # the reverse pass left the state before step 0: put the trained one back (model, gradients,
         # optimizer, scheduler, generators and loader positions as the plain loop leaves them)
         checkpoints._apply(trained, last_use=True)
         return stepper.ranks.sum_(adjoint.grad)
-
-
-def _train(loader: Any, epochs: int, stepper: Stepper, checkpoints: Any, batches: _BatchCache, progress: "_Progress",
-           model: torch.nn.Module) -> None:
-    """The plain loop, keeping checkpoints and batches."""
-    others = {n: b.detach().clone() for n, b in model.named_buffers() if n not in stepper.tracked}
-    checkpoints.maybe_save(0)
-    step = 0
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        for batch in loader:
-            indices = torch.tensor(loader.indices_at(step)[1], dtype=torch.long)
-            batches.keep(step, indices, batch)
-            stepper.take(step, indices, batch)
-            if step == 0:
-                _check_buffers(model, others)
-            step += 1
-            checkpoints.maybe_save(step)
-            progress("forward", step)
 
 
 def train(
@@ -391,7 +232,7 @@ def train(
             f"`model` has {', '.join(low)} parameters: a metagradient sums thousands of steps' adjoints, which half "
             f"precision loses. Train in float32 or float64 (model.double()), or pass allow_low_precision=True."
         )
-    session = _check_loader(loader)
+    session = check_loader(loader)
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
         raise ValueError("`loader` yields no batch per epoch (drop_last with fewer examples than a batch).")
@@ -400,7 +241,7 @@ def train(
     stepper = Stepper(model, steps, losses, weights, steps_per_epoch=steps_per_epoch, accumulate=accumulate,
                       max_grad_norm=None if max_grad_norm is None else float(max_grad_norm), scheduler=scheduler,
                       allow_low_precision=allow_low_precision)
-    progress = _Progress(total)
+    progress = Progress(total)
     was_training = model.training
     model.train()
     if stepper.ranks.world > 1:
@@ -409,14 +250,14 @@ def train(
         agreed["loader"].pop("data")  # each rank's shard differs
         stepper.ranks.check(model, loader, stepper.stat_names, agreed)
     opt, extra = steps.checkpointed()
-    batches = _BatchCache()
+    batches = BatchCache()
     runstore = None
     if store is not None:
         runstore = RunStore(store, definition(session=session, model=model, loader=loader, optimizer=optimizer,
                                               scheduler=scheduler, epochs=epochs, schedule=schedule, accumulate=accumulate,
                                               max_grad_norm=max_grad_norm))
         stored = runstore.complete()
-    checkpoints = _Checkpoints(session, model, opt, loader, schedule=schedule, every=1 if schedule == "uniform" else None,
+    checkpoints = RunCheckpoints(session, model, opt, loader, schedule=schedule, every=1 if schedule == "uniform" else None,
                                steps=None if schedule == "uniform" else total,
                                extra=extra + ([scheduler] if scheduler is not None else []))
     checkpoints.batches = batches
@@ -433,7 +274,7 @@ def train(
         runstore.begin()
         checkpoints.claim(runstore.states)
     try:
-        _train(loader, epochs, stepper, checkpoints, batches, progress, model)
+        train_loop(loader, epochs, stepper, checkpoints, batches, progress, model)
         if runstore is not None:
             if total not in checkpoints.saved:  # the trained state, for the processes that reuse the run
                 checkpoints._put(total, checkpoints.capture())

@@ -176,11 +176,15 @@ class Stepper:
             if done is not None:
                 done()
         if last:
-            if self.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-            self.steps.take(number)
-            if self.scheduler is not None:
-                self.scheduler.step()
+            self._optimizer_step(number)
+
+    def _optimizer_step(self, number: int) -> None:
+        """The end of an optimizer step of a plain loop: clip, the optimizer's step, the scheduler's."""
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.steps.take(number)
+        if self.scheduler is not None:
+            self.scheduler.step()
 
     # -- the step as a function ----------------------------------------------------------------------
 
@@ -286,11 +290,7 @@ class Stepper:
                 if g is not None:
                     p.grad = g.detach().clone() if p.grad is None else p.grad.add_(g.detach())
         if last:
-            if self.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-            self.steps.take(number)
-            if self.scheduler is not None:
-                self.scheduler.step()
+            self._optimizer_step(number)
         return record
 
 
