@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, default_collate, default_convert
 
 from .derive import mix_seed
-from .errors import SeedregError, SeedregWarning, StateError
+from .errors import SeedregError, SeedregWarning, StateError, user_stacklevel
 from .example_streams import _BASE_STREAM, STREAMS, ExampleSeededDataset, _IndexedCollate, _WorkerInit
 from .sampler import DeterministicSampler
 
@@ -293,7 +293,7 @@ class SeededDataLoader(DataLoader):
                 f"and the next pass epoch {sampler.epoch + 1}. A loop that resumes at the next epoch loses one this way: "
                 f"call loader.set_epoch(epoch) at the top of each epoch (or resume the loop at epoch {sampler.epoch}).",
                 SeedregWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         indices = sampler.begin_epoch()
         epoch = sampler.epoch

@@ -6,6 +6,9 @@ Every error is a :class:`SeedregError` and also the builtin a caller would expec
 
 from __future__ import annotations
 
+import os
+import sys
+
 __all__ = [
     "ManifestError",
     "ManifestWriteError",
@@ -46,3 +49,17 @@ class SeedregWarning(UserWarning):
     """A likely mistake that does not stop the run: a builder used before ``setup()``, one key
     built again with other settings. Shown by Python once per place; silence one kind with
     ``warnings.filterwarnings("ignore", category=seedreg.SeedregWarning)``."""
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by the caller of this function point at the
+    first line outside seedreg (the user's call), however deep inside seedreg it is raised."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE + os.sep):
+        frame = frame.f_back
+        level += 1
+    return level

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import rng
-from .errors import SeedregWarning
+from .errors import SeedregWarning, user_stacklevel
 from .wordsums import checksum, checksums
 
 __all__ = ["checksum", "checksums", "find_nondeterminism"]
@@ -191,4 +191,4 @@ def find_nondeterminism(model: torch.nn.Module, step_fn: Callable[[], Any], *, r
         _restore(model, optimizers, state)
         if unrestored:
             warnings.warn("find_nondeterminism could not put back what step_fn changed, so the runs may not have started "
-                          "alike: " + "; ".join(unrestored) + ".", SeedregWarning, stacklevel=2)
+                          "alike: " + "; ".join(unrestored) + ".", SeedregWarning, stacklevel=user_stacklevel())

@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from ._log import logger as log
 from .derive import InstanceId, check_instance_id, check_purpose, derivation_input, derive_seed
-from .errors import SeedCollisionError, SeedregError, SeedregWarning, StateError
+from .errors import SeedCollisionError, SeedregError, SeedregWarning, StateError, user_stacklevel
 from .records import KINDS, SeedRecord, Use, differences, record_to_dict
 
 __all__ = ["Registry", "KINDS"]
@@ -197,7 +197,7 @@ class Registry:
                 f"settings than its earlier use, so both get the same seed and random streams; give each component its "
                 f"own instance_id (e.g. 'train' and 'val').",
                 SeedregWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
             log.warning(
                 "seedreg_key_reused",

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .errors import ManifestError, ReplayMismatchError, SeedregError, SeedregWarning, StateError
+from .errors import ManifestError, ReplayMismatchError, SeedregError, SeedregWarning, StateError, user_stacklevel
 from .nondeterminism import checksums
 from .tracefile import TraceData, _differs, _kind
 
@@ -185,7 +185,7 @@ class Trace:
                 f"trace.step({step}) starts an empty trace in a resumed run (session.load_state_dict was called): the "
                 f"steps before {step} are missing from it, so a replay compares nothing before them and the trace file "
                 f"differs from an uninterrupted run's. Save trace.state_dict() with the checkpoint and call "
-                f"trace.load_state_dict(state) after resuming.", SeedregWarning, stacklevel=2)
+                f"trace.load_state_dict(state) after resuming.", SeedregWarning, stacklevel=user_stacklevel())
         self._last = step
         stashed, self._stashed = self._stashed, None
         if step % self.every:

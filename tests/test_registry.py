@@ -104,3 +104,17 @@ class TestThreads:
         expected = {(i * 7 + t * 1_250) % 20_000 for t in range(8) for i in range(10_000)}
         assert set(keys) == expected
         assert sum(r.uses for r in s.records) == 80_000
+
+
+def test_a_reused_key_warning_points_at_the_users_line():
+    """Two loaders on one key with other settings: the warning names the line that built the second
+    (it pointed inside seedreg)."""
+    import torch
+
+    from seedreg import SeedregWarning
+
+    s = SeedSession(0).setup()
+    s.build_dataloader(torch.arange(8.0), "train", batch_size=2)
+    with pytest.warns(SeedregWarning, match="built again") as caught:
+        s.build_dataloader(torch.arange(8.0), "train", batch_size=4)
+    assert [w.filename for w in caught] == [__file__]
