@@ -42,6 +42,7 @@ def _capture(model: torch.nn.Module, optimizers: Sequence[Any]) -> Dict[str, Any
         "grads": [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()],
         "optimizers": [copy.deepcopy(opt.state_dict()) for opt in optimizers],
         "generators": [(g, g.get_state()) for g in rng.issued_generators()],
+        "attributes": _attributes(model),
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
@@ -82,16 +83,15 @@ def _unrestored(model: torch.nn.Module, before: Dict[str, Any], optimizers: Sequ
     if not optimizers and any(not torch.equal(p.detach(), v) for p, v in before["params"]):
         found.append("the model's parameters changed (an optimizer stepped) but no optimizer was given: its state "
                      "(momentum, Adam's step count) moved on each run; pass optimizers=[optimizer]")
-    for name, module in model.named_modules():
-        for key, value in vars(module).items():
-            if not key.startswith("_") and isinstance(value, (bool, int, float, str)):
-                old = before["attributes"].get((name, key))
-                if old is not None and old != value:
-                    found.append(f"{name or '(model)'}.{key} changed from {old!r:.40} to {value!r:.40}")
+    now = _attributes(model)
+    for (name, key), old in before["attributes"].items():
+        if now.get((name, key), old) != old:
+            found.append(f"{name or '(model)'}.{key} changed from {old!r:.40} to {now[(name, key)]!r:.40}")
     return found
 
 
 def _attributes(model: torch.nn.Module) -> Dict[Tuple[str, str], Any]:
+    """The modules' plain public attributes (bool, int, float, str), by (module name, attribute)."""
     return {(name, key): value for name, module in model.named_modules() for key, value in vars(module).items()
             if not key.startswith("_") and isinstance(value, (bool, int, float, str))}
 
@@ -166,7 +166,6 @@ def find_nondeterminism(model: torch.nn.Module, step_fn: Callable[[], Any], *, r
             raise TypeError(f"`optimizers[{i}]` ({type(opt).__name__}) has no state_dict/load_state_dict; pass torch.optim "
                             f"optimizers (their state is put back before each run).")
     state = _capture(model, optimizers)
-    state["attributes"] = _attributes(model)
     unrestored: List[str] = []
     try:
         first: Optional[List[Tuple[str, str, Any]]] = None

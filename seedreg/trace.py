@@ -310,7 +310,7 @@ def start_trace(session: Any, model: torch.nn.Module, *, every: int, grads: bool
     expected = replay.trace_expected if replay is not None else None
     session._trace = Trace(model, every=every, grads=grads, buffers=buffers, expected=expected,
                            on_divergence=None if replay is None else replay.trace_diverged,
-                           resumed=lambda: bool(getattr(session, "resumed", False)))
+                           resumed=lambda: session.resumed)
     if replay is not None:
         replay.trace = session._trace
     return session._trace

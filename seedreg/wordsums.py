@@ -29,6 +29,7 @@ __all__ = ["checksum", "checksums"]
 Fingerprint = Tuple[str, Tuple[int, ...], int, int]
 
 _SMALL = 1 << 15  # tensors of fewer 64-bit words are fingerprinted together, with prefix sums
+_BATCH = 1 << 22  # the most words fingerprinted together (their int64 copies: 32 MiB at most)
 _WIDTH = 1024  # words per row of the large-tensor matrix
 _BLOCK = 1 << 15  # words per block on the CPU: 256 KiB, read twice while it is in cache
 _MASK = (1 << 64) - 1
@@ -150,13 +151,18 @@ class _Plan:
         batches: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
         for i, (dtype, numel, device) in enumerate(signature):
             # on a GPU every launch costs more than the arithmetic: batch all but the largest
-            if words[i] >= (_SMALL if device.type == "cpu" else 1 << 22):
+            if words[i] >= (_SMALL if device.type == "cpu" else _BATCH):
                 self.parts.append(("large", i))
                 order.append(i)
                 continue
-            batches.setdefault((device, dtype), []).append(i)
+            members = batches.setdefault((device, dtype), [])
+            if sum(words[j] for j in members) + words[i] > _BATCH:  # a batch's copies stay bounded
+                self._add_batch(members, words, signature, order)
+                members = batches[(device, dtype)] = []
+            members.append(i)
         for members in batches.values():
-            self._add_batch(members, words, signature, order)
+            if members:
+                self._add_batch(members, words, signature, order)
         self.inverse = None if order == list(range(len(order))) else torch.argsort(torch.tensor(order)).to(self.out_device)
 
     def _add_batch(self, members: List[int], words: List[int], signature: Any, order: List[int]) -> None:

@@ -103,3 +103,24 @@ def test_a_run_killed_while_training_is_trained_again_and_a_second_trainer_is_to
         slow.wait(120)
     assert json.loads(slow.stdout.read().strip().splitlines()[-1])["trained"] is True
     assert stored(tmp_path / "busy")["trained"] is False
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_a_training_lock_seedreg_did_not_write_is_never_removed(tmp_path, kind) -> None:
+    """A user's own `training.lock` (or a link by that name) in the store folder: refused by name, kept."""
+    from seedreg import StateError
+
+    store = tmp_path / "run"
+    store.mkdir()
+    lock = store / "training.lock"
+    mine = tmp_path / "mine.txt"
+    mine.write_text("my notes")
+    if kind == "file":
+        lock.write_text("my own lock, not seedreg's")
+    else:
+        lock.symlink_to(mine)
+    _, model, loader, opt, _ = Run(two_groups).parts()
+    with pytest.raises(StateError, match="is not a training lock seedreg wrote"):
+        magic.train(model, loader, opt, epochs=1, loss=per_example, store=store)
+    assert lock.is_symlink() if kind == "link" else lock.read_text() == "my own lock, not seedreg's"
+    assert mine.read_text() == "my notes"

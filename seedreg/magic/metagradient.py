@@ -246,8 +246,8 @@ def train(
     model.train()
     if stepper.ranks.world > 1:
         agreed = definition(session=session, model=model, loader=loader, optimizer=optimizer, scheduler=scheduler,
-                            epochs=epochs, schedule=schedule, accumulate=accumulate, max_grad_norm=max_grad_norm)
-        agreed["loader"].pop("data")  # each rank's shard differs
+                            epochs=epochs, schedule=schedule, accumulate=accumulate, max_grad_norm=max_grad_norm,
+                            data=False)  # each rank's shard differs
         stepper.ranks.check(model, loader, stepper.stat_names, agreed)
     opt, extra = steps.checkpointed()
     batches = BatchCache()

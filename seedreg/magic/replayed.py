@@ -78,19 +78,23 @@ class RunCheckpoints(StepCheckpoints):
         if self.every is None:
             self.reverse(pull, forward=stepper.take)
             return
+        # the state each kept segment must end in: the trained state, then each later segment's start
+        # (read once: a store's states are not read from disk twice)
+        expected = self._get(self.done)["model"] if self.done in self.saved else final["model"]
         for lo, hi in reversed(self._segments()):
             records: Optional[List[Any]] = None
             if self.kept_graphs:
-                self._apply(self._get(lo))
+                start = self._get(lo)
+                self._apply(start)
                 records = []
                 for s in range(lo, hi):
                     indices, batch = self._batch(s)
                     records.append(stepper.advance(s, indices, batch))
                     self.peak_states = max(self.peak_states, len(self.saved) + len(records))
-                expected = self._get(hi)["model"] if hi in self.saved else final["model"]
                 now = self.model.state_dict()
                 if not stepper.ranks.all_agree(all(torch.equal(now[k], v) for k, v in expected.items())):
                     records, self.kept_graphs = None, False
+                expected = start["model"]
             if records is None:
                 self._reverse_segment(lo, hi, pull, stepper.take)
                 continue

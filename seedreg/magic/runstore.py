@@ -69,10 +69,10 @@ def _plain(value: Any) -> Any:
 
 
 def definition(*, session: Any, model: torch.nn.Module, loader: Any, optimizer: Any, scheduler: Any, epochs: int,
-               schedule: str, accumulate: int, max_grad_norm: Optional[float]) -> Dict[str, Any]:
+               schedule: str, accumulate: int, max_grad_norm: Optional[float], data: bool = True) -> Dict[str, Any]:
     """What makes two runs the same run: the session's master seed, the initial weights, the
-    loader's key and settings and a digest of its first and last batches, the optimizer's class,
-    param-group settings and state, the scheduler's, and the loop's options."""
+    loader's key and settings and (with `data`) a digest of its first and last batches, the
+    optimizer's class, param-group settings and state, the scheduler's, and the loop's options."""
     if isinstance(optimizer, torch.optim.Optimizer):
         groups = [{k: _plain(v) for k, v in sorted(g.items()) if k != "params"} for g in optimizer.param_groups]
         opt = {"class": type(optimizer).__name__, "groups": groups, "state": _digest(optimizer.state_dict()["state"])}
@@ -83,11 +83,13 @@ def definition(*, session: Any, model: torch.nn.Module, loader: Any, optimizer: 
         state = {k: v for k, v in scheduler.state_dict().items() if not callable(v) and k != "lr_lambdas"}
         sched = {"class": type(scheduler).__name__, "state": _digest(state)}
     steps = len(loader)
-    data = _digest([loader.batch_at(0), loader.batch_at(epochs * steps - 1)])
+    batches = {"instance_id": repr(loader.instance_id), "use": loader._use, "examples": len(loader.dataset),
+               "batch_size": loader.batch_size, "batches": steps, "shuffle": loader.sampler.shuffle}
+    if data:
+        batches["data"] = _digest([loader.batch_at(0), loader.batch_at(epochs * steps - 1)])
     return {
         "master_seed": session.master_seed, "scheme": session.scheme, "initial_weights": fingerprint(model),
-        "loader": {"instance_id": repr(loader.instance_id), "use": loader._use, "examples": len(loader.dataset),
-                   "batch_size": loader.batch_size, "batches": steps, "shuffle": loader.sampler.shuffle, "data": data},
+        "loader": batches,
         "optimizer": opt, "scheduler": sched, "epochs": epochs, "schedule": schedule, "accumulate": accumulate,
         "max_grad_norm": max_grad_norm,
     }
@@ -155,16 +157,15 @@ class RunStore:
             try:
                 fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             except FileExistsError:
-                try:
-                    holder = json.loads(lock.read_text())
-                except (OSError, ValueError):
-                    holder = {}
-                alive = holder.get("host") == me["host"] and type(holder.get("pid")) is int and _alive(holder["pid"])
-                if alive or holder.get("host") not in (None, me["host"]):
-                    raise StateError(f"another process (PID {holder.get('pid')} on {holder.get('host')!r}) is training the run "
+                holder = _holder(lock)
+                if holder is None:  # not a lock this store wrote: never removed
+                    raise StateError(f"{lock} is not a training lock seedreg wrote (a link, a directory, or another file); "
+                                     f"move it, or give the run another store directory.") from None
+                if holder["host"] != me["host"] or _alive(holder["pid"]):
+                    raise StateError(f"another process (PID {holder['pid']} on {holder['host']!r}) is training the run "
                                      f"in `store` {str(self.root)!r}; call magic.train again when it has finished (it then "
                                      f"returns the trained run without training). If that process is gone, delete {lock}.")
-                lock.unlink(missing_ok=True)  # its holder on this host is gone
+                lock.unlink(missing_ok=True)  # written by a process of this host that is gone
                 continue
             with os.fdopen(fd, "w") as fh:
                 json.dump(me, fh)
@@ -187,6 +188,21 @@ class RunStore:
         body = {"format": FORMAT, "version": VERSION, "definition": self.definition, "status": status, "run": run,
                 "saved": saved, "steps": steps}
         atomic_write(self.root / _FILE, json.dumps(body, sort_keys=True, indent=1).encode())
+
+
+def _holder(lock: pathlib.Path) -> Optional[Dict[str, Any]]:
+    """The host and pid a training lock names, or None if `lock` is not one (a link, not a regular
+    file, or not the JSON :meth:`RunStore.begin` writes)."""
+    if lock.is_symlink() or not lock.is_file():
+        return None
+    try:
+        holder = json.loads(read_regular_file(lock, 1 << 12))
+    except (ManifestError, ValueError, RecursionError):
+        return None
+    if not (isinstance(holder, dict) and set(holder) == {"host", "pid"} and isinstance(holder["host"], str)
+            and type(holder["pid"]) is int):
+        return None
+    return holder
 
 
 def _alive(pid: int) -> bool:
