@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import re
+import importlib
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -43,8 +44,11 @@ def _api() -> str:
         module = seedreg._WHERE.get(name)
         if module is not None:
             out += [f"::: seedreg.{module}.{name}", ""]
+            if name == "SCHEMES":  # its value names private functions: the docstring says what it holds
+                out[-1:] = ["    options:", "      show_attribute_values: false", ""]
         elif name in seedreg._SUBMODULES:
-            out += [f"::: seedreg.{name}", "    options:", "      members: true", ""]
+            members = importlib.import_module(f"seedreg.{name}").__all__  # the public names, not __all__ itself
+            out += [f"::: seedreg.{name}", "    options:", f"      members: [{', '.join(members)}]", ""]
         elif name == "fingerprint":
             out += ["::: seedreg.fingerprint.fingerprint", ""]
     return "\n".join(out)

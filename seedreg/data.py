@@ -19,9 +19,11 @@ import torch
 from torch.utils.data import DataLoader, default_collate, default_convert
 
 from .derive import mix_seed
+from .loaderkey import LoaderKey
 from .errors import SeedregError, SeedregWarning, StateError, user_stacklevel
-from .example_streams import _BASE_STREAM, STREAMS, ExampleSeededDataset, _IndexedCollate, _WorkerInit
+from .example_streams import BASE_STREAM, STREAMS, ExampleSeededDataset, IndexedCollate, WorkerInit
 from .sampler import DeterministicSampler
+from .streaming import jsonable_state
 
 __all__ = ["ExampleSeededDataset", "SeededDataLoader", "STREAMS"]
 
@@ -99,9 +101,7 @@ class _Tracked:
         try:
             batch = loader._finish(next(self._it))
         except StopIteration:
-            sampler = loader.sampler
-            sampler.position = len(sampler)
-            sampler._exhausted = True
+            loader.sampler.finish_epoch()
             raise
         sampler = loader.sampler
         step = 1 if loader.batch_size is None else loader.batch_size
@@ -109,7 +109,7 @@ class _Tracked:
         return batch
 
 
-class SeededDataLoader(DataLoader):
+class SeededDataLoader(LoaderKey, DataLoader):
     """A :class:`~torch.utils.data.DataLoader` whose order, augmentation and position are seedreg's.
 
     Built by ``SeedSession.build_dataloader``; ``.sampler`` is its :class:`DeterministicSampler`.
@@ -123,19 +123,17 @@ class SeededDataLoader(DataLoader):
 
     # Defaults as class attributes: DataLoader routes every instance assignment through a Python
     # __setattr__, and building a loader is something LDS studies do thousands of times.
-    _use = 1  # which use of ("dataloader", instance_id) built it: the session sets it
-    _before_batch: Optional[Callable[[], None]] = None
+    _before_batch: Optional[Callable[[], None]] = None  # the session's hook, called before each batch
     _plan: Optional[Tuple[int, List[int]]] = None
     _order: Optional[Tuple[int, List[int]]] = None  # (epoch, its indices), for random access
     _with_indices = False
     _subset_weights: Optional[torch.Tensor] = None
     _example_weights: Optional[torch.Tensor] = None
     _batch_recorder: Any = None  # a framework's batch sampler that notes each batch's indices
-    _session: Any = None  # the session that built it (which holds its loaders weakly: no cycle)
     # what DataLoader types loosely, as this loader builds them
     sampler: DeterministicSampler
     dataset: ExampleSeededDataset
-    worker_init_fn: _WorkerInit
+    worker_init_fn: WorkerInit
     generator: torch.Generator
     _keyed: _KeyedBatches
     _instance_id: Any
@@ -155,6 +153,9 @@ class SeededDataLoader(DataLoader):
         example_weights: Optional[torch.Tensor] = None,
         worker_init_fn: Optional[Callable[[int], None]] = None,
         streams: int = STREAMS,
+        use: int = 1,
+        session: Any = None,
+        before_batch: Optional[Callable[[], None]] = None,
         **kwargs: Any,
     ) -> None:
         recorder: Any = kwargs.get("batch_sampler")
@@ -182,6 +183,8 @@ class SeededDataLoader(DataLoader):
         # straight into __dict__: DataLoader routes every assignment through a Python __setattr__
         self.__dict__["_keyed"] = _KeyedBatches(self)  # it holds the loader weakly: no reference cycle
         self.__dict__["_instance_id"] = instance_id
+        if use != 1 or session is not None or before_batch is not None:
+            self.__dict__.update(_use=use, _session=session, _before_batch=before_batch)
         indexed = with_indices or weights is not None or example_weights is not None
         if indexed:
             self._with_indices = with_indices
@@ -191,7 +194,7 @@ class SeededDataLoader(DataLoader):
             collate = kwargs.pop("collate_fn", None)
             if collate is None:
                 collate = default_collate if batch_size is not None else default_convert
-            kwargs["collate_fn"] = _IndexedCollate(collate, batch_size is not None)
+            kwargs["collate_fn"] = IndexedCollate(collate, batch_size is not None)
         wrapped = ExampleSeededDataset(dataset, seed, per_example=seed_per_example, indexed=indexed, streams=streams)
         super().__init__(
             wrapped,
@@ -199,7 +202,7 @@ class SeededDataLoader(DataLoader):
             sampler=sampler,
             drop_last=drop_last,
             generator=torch.Generator(),
-            worker_init_fn=_WorkerInit(seed, worker_init_fn, rank=sampler.rank, streams=streams),
+            worker_init_fn=WorkerInit(seed, worker_init_fn, rank=sampler.rank, streams=streams),
             **kwargs,
         )
         if recorder is not None:
@@ -268,11 +271,7 @@ class SeededDataLoader(DataLoader):
             raise ValueError(f"`step` must be an int >= 0, got {step!r}.")
         per_epoch = len(self)
         epoch, b = divmod(step, per_epoch) if per_epoch else (0, 0)
-        sampler = self.sampler
-        sampler.set_epoch(epoch)
-        sampler.position = min(b * (self.batch_size or 1), sampler.num_samples)
-        sampler._started = False
-        sampler._exhausted = False
+        self.sampler.seek(epoch, min(b * (self.batch_size or 1), self.sampler.num_samples))
 
     @property
     def seed(self) -> int:
@@ -280,13 +279,13 @@ class SeededDataLoader(DataLoader):
         return self.sampler.seed
 
     @property
-    def instance_id(self) -> Any:
-        """The instance id it was built with (its key is ``("dataloader", instance_id)``)."""
-        return self._instance_id
+    def with_indices(self) -> bool:
+        """Whether it yields ``(indices, batch)``."""
+        return self._with_indices
 
     def _plan_epoch(self) -> None:
         sampler: DeterministicSampler = self.sampler
-        if sampler._resumed_at_end:
+        if sampler.resumed_at_end:
             warnings.warn(
                 f"loader {self._instance_id!r} was resumed at the end of epoch {sampler.epoch} (its state was saved after "
                 f"the epoch's last batch), and is iterated without set_epoch: this pass yields that epoch's empty rest "
@@ -300,7 +299,7 @@ class SeededDataLoader(DataLoader):
         self._plan = (epoch, indices)
         # DataLoader draws its workers' base seed from our generator right after this: derive it
         # from (seed, epoch) so that nothing about an epoch depends on what came before it.
-        self.generator.manual_seed(mix_seed(_BASE_STREAM, sampler.seed, epoch))
+        self.generator.manual_seed(mix_seed(BASE_STREAM, sampler.seed, epoch))
         self.worker_init_fn.epoch = epoch
 
     def __iter__(self) -> _Tracked:  # type: ignore[override]
@@ -333,9 +332,7 @@ class SeededDataLoader(DataLoader):
         user = self.dataset.dataset
         if not (hasattr(user, "state_dict") and hasattr(user, "load_state_dict")):
             return None
-        from .streaming import _jsonable_state
-
-        return _jsonable_state(user.state_dict(), "the dataset's state_dict()")
+        return jsonable_state(user.state_dict(), "the dataset's state_dict()")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume at the first batch not consumed when `state` was taken."""
@@ -357,9 +354,7 @@ class SeededDataLoader(DataLoader):
         if dataset_state is not None:
             if not hasattr(user, "load_state_dict"):
                 raise StateError("loader state holds a dataset state but this loader's dataset has no load_state_dict.")
-            from .streaming import _jsonable_state
-
-            _jsonable_state(dataset_state, "loader state['dataset_state']")
+                jsonable_state(dataset_state, "loader state['dataset_state']")
         self.sampler.load_state_dict(state["sampler"])
         if dataset_state is not None:
             user.load_state_dict(dataset_state)

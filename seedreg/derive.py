@@ -187,6 +187,8 @@ def _v1(master_seed: int, purpose: str, instance_id: InstanceId) -> int:
 
 
 SCHEMES: Dict[str, Callable[[int, str, InstanceId], int]] = {"sha256-v1": _v1, "sha256-v2": _v2}
+"""The derivation schemes, by name: ``"sha256-v1"`` (the default) and ``"sha256-v2"`` (studies'),
+each a function of (master seed, purpose, instance id) to a seed; pass the name as ``scheme=``."""
 _INPUTS: Dict[str, Callable[[int, str, InstanceId], bytes]] = {"sha256-v1": _v1_input, "sha256-v2": _v2_input}
 
 

@@ -22,11 +22,13 @@ import torch
 
 from ._version import __version__
 
-__all__ = ["BITWISE_KEYS", "DeterminismSettings", "apply_settings", "environment", "ViolationLog", "CUBLAS_DEFAULT"]
+__all__ = ["BITWISE_KEYS", "DeterminismSettings", "GlobalSetup", "apply_settings", "environment", "ViolationLog", "CUBLAS_DEFAULT"]
 
 from ._log import enabled as log_enabled
-from .replay import BITWISE_KEYS  # re-exported: 0.1.0 defined it here
 from ._log import logger as log
+from .bitwise import BITWISE_KEYS  # re-exported: 0.1.0 defined it here
+from .errors import SeedregWarning, user_stacklevel
+from .rng import seed_globals
 
 CUBLAS_VAR = "CUBLAS_WORKSPACE_CONFIG"
 CUBLAS_DEFAULT = ":4096:8"
@@ -154,6 +156,56 @@ def apply_settings(settings: DeterminismSettings, violations: ViolationLog) -> D
         log.debug("deterministic_setup", **{k: str(v) for k, v in applied.items()})
     return applied
 
+
+
+class GlobalSetup:
+    """A session's global setup: what ``setup()`` applied, once, and the nondeterminism seen since.
+
+    The builders ask it whether the process is set up, and it warns once (at the user's line) when
+    they run before ``setup()``.
+    """
+
+    def __init__(self, master_seed: int, settings: DeterminismSettings) -> None:
+        self.master_seed = master_seed
+        self.settings = settings
+        self.violations = ViolationLog()
+        self.applied: Dict[str, Any] = {}
+        self.is_set_up = False
+        self.warned = False
+
+    def apply(self, global_seed: int) -> bool:
+        """Seed the global generators with `global_seed` and apply the settings; False (nothing
+        done) if this setup was applied already."""
+        if self.is_set_up:
+            return False
+        seed_globals(global_seed)
+        self.applied = {"global_seed": global_seed, **apply_settings(self.settings, self.violations)}
+        self.is_set_up = True
+        return True
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # a copy in another process (a spawned worker) has seen no violation there yet
+        return {k: v for k, v in self.__dict__.items() if k != "violations"}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.violations = ViolationLog()
+
+    def warn_if_not_set_up(self, builder: str) -> None:
+        """Warn (once a session) that a builder runs before setup(): its own draws are seeded, but
+        everything the run draws from the global generators (dropout, augmentation in the main
+        process, weight init outside build_model) and the deterministic kernels are not."""
+        if self.is_set_up or self.warned:
+            return
+        self.warned = True
+        m = self.master_seed
+        warnings.warn(
+            f"SeedSession({m}).{builder}() was called before setup(): the global generators (python, "
+            f"numpy, torch, CUDA) are not seeded and deterministic algorithms are off, so dropout and other draws outside "
+            f"seedreg's builders differ between runs. Call session.setup() first (SeedSession({m}).setup()).",
+            SeedregWarning,
+            stacklevel=user_stacklevel(),
+        )
 
 def _gpus() -> List[Dict[str, Any]]:
     if not torch.cuda.is_available():

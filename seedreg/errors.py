@@ -7,7 +7,7 @@ Every error is a :class:`SeedregError` and also the builtin a caller would expec
 from __future__ import annotations
 
 import os
-import sys
+import inspect
 
 __all__ = [
     "ManifestError",
@@ -57,7 +57,8 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 def user_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning raised by the caller of this function point at the
     first line outside seedreg (the user's call), however deep inside seedreg it is raised."""
-    frame = sys._getframe(1)
+    frame = inspect.currentframe().f_back  # type: ignore[union-attr]
+    assert frame is not None
     level = 1
     while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE + os.sep):
         frame = frame.f_back

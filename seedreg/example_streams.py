@@ -5,7 +5,7 @@ python's `random`, numpy's global RNG and torch's CPU generator from a hash of (
 epoch, i), so augmentation depends on the example and the epoch alone: not on the worker, the
 batch or ``num_workers``. In the main process the global state is put back after each batch, so
 data loading never shifts the training loop's own random draws (dropout). Without per-example
-streams, :class:`_WorkerInit` seeds each worker from (loader seed, epoch, rank, worker id).
+streams, :class:`WorkerInit` seeds each worker from (loader seed, epoch, rank, worker id).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ __all__ = ["ExampleSeededDataset", "STREAMS"]
 
 _EXAMPLE_STREAM = 0x5EED_0002
 _WORKER_STREAM = 0x5EED_0003
-_BASE_STREAM = 0x5EED_0004
+BASE_STREAM = 0x5EED_0004
 _default_generator = torch.default_generator
 
 _pack4 = struct.Struct("<4Q").pack
@@ -107,7 +107,7 @@ class ExampleSeededDataset(torch.utils.data.Dataset):
         return (index, item) if self.indexed else item
 
 
-class _IndexedCollate:
+class IndexedCollate:
     """Collates ``(index, example)`` pairs into ``(LongTensor of indices, the user's batch)``."""
 
     def __init__(self, collate: Callable[[Any], Any], batched: bool) -> None:
@@ -121,7 +121,7 @@ class _IndexedCollate:
         return torch.tensor([i for i, _ in samples], dtype=torch.long), self.collate([x for _, x in samples])
 
 
-class _WorkerInit:
+class WorkerInit:
     """Seeds a worker from (loader seed, epoch, rank, worker id), shows the user's dataset (not
     seedreg's wrapper) in ``get_worker_info().dataset``, then runs the user's worker_init_fn."""
 

@@ -11,22 +11,21 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .builders import warn_not_set_up
 from .data import STREAMS, SeededDataLoader
 from .derive import InstanceId, check_instance_id
+from .determinism import GlobalSetup
 from .errors import SeedregError, StateError
 from .masks import mask_digest
+from .registry import Registry
+from .replay import Replay
 from .rng import restore_global
 from .sampler import DeterministicSampler, subset_indices
 from .streaming import SeededIterableLoader, check_iterable_args
-
-if TYPE_CHECKING:
-    from .session import SeedSession
 
 __all__ = ["LoaderBook"]
 
@@ -52,10 +51,16 @@ def check_loader_identity(loader_state: Any, i: int, version: int) -> None:
 
 
 class LoaderBook:
-    """The loaders of one session (see the module's docstring)."""
+    """The loaders of one session (see the module's docstring). Each loader is built from its key's
+    seed in `registry` for this process's `rank` of `world_size`, and knows `owner` (the session)."""
 
-    def __init__(self, session: "SeedSession") -> None:
-        self.session = session
+    def __init__(self, registry: Registry, setup: GlobalSetup, *, rank: int, world_size: int, owner: Any) -> None:
+        self.registry = registry
+        self.setup = setup
+        self.rank = rank
+        self.world_size = world_size
+        self.owner = owner
+        self.replay: Optional[Replay] = None  # a replay of a 0.1.0 manifest builds with 0.1.0's streams
         # Held weakly: a loader the program dropped is freed and leaves state_dict().
         self._loaders: List["weakref.ReferenceType[Any]"] = []  # in build order; dead ones pruned now and then
         self._lock = threading.Lock()  # a thread building a loader while another takes state_dict()
@@ -69,7 +74,6 @@ class LoaderBook:
               drop_last: bool, seed_per_example: bool, subset: Any, subset_mode: str, with_indices: bool,
               example_weights: Optional[torch.Tensor], **dataloader_kwargs: Any) -> Any:
         """``SeedSession.build_dataloader``: its arguments checked, the loader built and recorded."""
-        session = self.session
         if dataloader_kwargs and not _REFUSED_LOADER_ARGS.keys().isdisjoint(dataloader_kwargs):
             name = next(n for n in _REFUSED_LOADER_ARGS if n in dataloader_kwargs)
             raise TypeError(f"build_dataloader() does not take `{name}`: {_REFUSED_LOADER_ARGS[name]}.")
@@ -80,7 +84,7 @@ class LoaderBook:
                 f"got {type(dataset).__name__}."
             )
         instance_id = check_instance_id(instance_id)
-        warn_not_set_up(session, "build_dataloader")
+        self.setup.warn_if_not_set_up("build_dataloader")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"`batch_size` must be an int >= 1 or None, got {batch_size!r}.")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -118,10 +122,10 @@ class LoaderBook:
             else:
                 sampler_subset = kept
         # a replay of a 0.1.0 manifest installs 0.1.0's streams (full 64-bit torch seeds)
-        streams = 1 if session._replay is not None and session._replay.legacy else STREAMS
-        seed, use = session._registry.use("dataloader", instance_id, "dataloader")
+        streams = 1 if self.replay is not None and self.replay.legacy else STREAMS
+        seed, use = self.registry.use("dataloader", instance_id, "dataloader")
         sampler = DeterministicSampler(
-            size, shuffle=shuffle, seed=seed, num_replicas=session.world_size, rank=session.rank, drop_last=drop_last, subset=sampler_subset
+            size, shuffle=shuffle, seed=seed, num_replicas=self.world_size, rank=self.rank, drop_last=drop_last, subset=sampler_subset
         )
         loader = SeededDataLoader(
             dataset,
@@ -136,9 +140,11 @@ class LoaderBook:
             streams=streams,
             with_indices=with_indices,
             example_weights=example_weights,
+            use=use,
+            session=self.owner,
+            before_batch=self.apply_pending_rng,
             **dataloader_kwargs,
         )
-        loader.__dict__["_use"] = use  # past DataLoader's Python __setattr__
         details = {
             "dataset_size": size,
             "batch_size": batch_size,
@@ -149,36 +155,35 @@ class LoaderBook:
             "subset_size": None if subset is None else int(len(kept)),
             "subset_digest": digest,
             "subset_mode": None if subset is None else subset_mode,
-            "world_size": session.world_size,
+            "world_size": self.world_size,
             "streams": streams,
             "with_indices": with_indices,
             "example_weights": None if example_weights is None else f"{example_weights.dtype}[{size}]",
         }
         # With per-example streams the number of workers changes nothing a replay could see.
-        session._registry.detail("dataloader", instance_id, use, details, ignore=("num_workers",) if seed_per_example else ())
+        self.registry.detail("dataloader", instance_id, use, details, ignore=("num_workers",) if seed_per_example else ())
         return self.register(loader)
 
     def _build_iterable(self, dataset: Any, instance_id: InstanceId, *, batch_size: Optional[int], shuffle: bool,
                         num_workers: int, drop_last: bool, subset: Any, with_indices: bool, example_weights: Any,
                         **dataloader_kwargs: Any) -> SeededIterableLoader:
-        session = self.session
         check_iterable_args(shuffle=shuffle, subset=subset, with_indices=with_indices, example_weights=example_weights)
-        seed, use = session._registry.use("dataloader", instance_id, "dataloader")
+        seed, use = self.registry.use("dataloader", instance_id, "dataloader")
         loader = SeededIterableLoader(
             dataset, seed=seed, instance_id=instance_id, batch_size=batch_size, drop_last=drop_last, num_workers=num_workers,
-            rank=session.rank, world_size=session.world_size, **dataloader_kwargs,
+            rank=self.rank, world_size=self.world_size, use=use, session=self.owner, before_batch=self.apply_pending_rng,
+            **dataloader_kwargs,
         )
-        loader.__dict__["_use"] = use  # past DataLoader's Python __setattr__
         details = {
             "dataset_kind": "iterable",
             "batch_size": batch_size,
             "drop_last": drop_last,
             "num_workers": num_workers,
-            "world_size": session.world_size,
-            "worker_split": f"{session.world_size} rank(s) x {max(1, num_workers)} stream(s)",
+            "world_size": self.world_size,
+            "worker_split": f"{self.world_size} rank(s) x {max(1, num_workers)} stream(s)",
             "resume_mode": loader.resume_mode,
         }
-        session._registry.detail("dataloader", instance_id, use, details)
+        self.registry.detail("dataloader", instance_id, use, details)
         return self.register(loader)
 
     def register(self, loader: Any) -> Any:
@@ -188,9 +193,6 @@ class LoaderBook:
             if len(self._loaders) >= self._prune_at:  # an LDS loop builds 100,000s and keeps one at a time
                 self._loaders = [r for r in self._loaders if r() is not None]
                 self._prune_at = max(1024, 2 * len(self._loaders))
-        loader.__dict__["_session"] = self.session  # for tools that take a loader and need its session (magic.metagradient)
-        if self.pending_rng is not None:
-            loader._before_batch = self.apply_pending_rng
         return loader
 
     # -- positions -------------------------------------------------------------------------------
@@ -211,7 +213,7 @@ class LoaderBook:
             raise StateError(f"`state['loaders']` must be a list, got {type(states).__name__}.")
         live: Dict[Any, Any] = {}
         for loader in self.live():
-            live[(type(loader.instance_id), loader.instance_id, loader._use)] = loader
+            live[(type(loader.instance_id), loader.instance_id, loader.use)] = loader
         pairs: List[Tuple[Any, Mapping[str, Any]]] = []
         seen: Dict[Any, int] = {}
         for i, loader_state in enumerate(states):
@@ -251,17 +253,15 @@ class LoaderBook:
         if not loaders:
             return False
         self.pending_rng = (rng, saved)
-        for loader in loaders:
-            loader._before_batch = self.apply_pending_rng
         return True
 
     def drop_pending(self) -> None:
+        """Forget a held state (a rewind puts its own generators back at once)."""
         self.pending_rng = None
-        for loader in self.live():
-            loader._before_batch = None
 
     def apply_pending_rng(self) -> None:
+        """Each loader calls this before it draws a batch: a held state's generators are put back, once."""
         pending = self.pending_rng
-        self.drop_pending()
         if pending is not None:
+            self.pending_rng = None
             restore_global(pending[0])

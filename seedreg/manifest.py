@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import attrs
 
 from ._version import __version__
-from .files import atomic_write, read_regular_file
+from .files import atomic_write, check_density, read_regular_file
 from .derive import SCHEMES, MASTER_SEED_MAX
 from .errors import ManifestError
 from .records import SeedRecord, as_tuple, check_json, differences, record_to_dict, records_from_list, require
@@ -41,8 +41,8 @@ _TOP = _TOP_V1 | {"results"}
 PathLike = Union[str, "os.PathLike[str]"]
 
 from .manifest_format import (  # noqa: E402 - after the constants it shares
-    _CHECKSUM_LINE, _check_density, _check_replay, _loads, _record_lines, _results, _split_records, _trace_entry,
-    _with_checksum, checksum_of, render,
+    CHECKSUM_LINE, check_replay, loads_strict, record_lines, check_results, split_records, check_trace_entry,
+    with_checksum, checksum_of, render,
 )
 
 
@@ -131,7 +131,7 @@ class Manifest:
     def to_json(self) -> str:
         """The file text: the body rendered (keys sorted, one record per line), checksum on line 2."""
         try:
-            return _with_checksum(render(self._body(as_dicts=False)))
+            return with_checksum(render(self._body(as_dicts=False)))
         except (TypeError, ValueError) as exc:
             raise ManifestError(f"manifest holds something that is not JSON data: {exc}.") from None
 
@@ -202,7 +202,7 @@ class Manifest:
             raise ManifestError(f"manifest lists {len(ranks)} ranks but world_size is {world}.")
         replay = data["replay"]
         if replay is not None:
-            _check_replay(replay)
+            check_replay(replay)
         return cls(
             master_seed=master,
             scheme=scheme,
@@ -214,8 +214,8 @@ class Manifest:
             world_size=world,
             ranks=ranks,
             replay=replay,
-            results=_results(data["results"], "manifest['results']") if version == SCHEMA_VERSION else (),
-            trace=_trace_entry(data["trace"]) if "trace" in data and version == SCHEMA_VERSION else None,
+            results=check_results(data["results"], "manifest['results']") if version == SCHEMA_VERSION else (),
+            trace=check_trace_entry(data["trace"]) if "trace" in data and version == SCHEMA_VERSION else None,
             seedreg_version=require(data, "seedreg_version", str, where),
             read_version=version,
         )
@@ -232,7 +232,7 @@ class Manifest:
             raise ManifestError("manifest is empty.")
         first = data.find(b"\n")
         second = data.find(b"\n", first + 1)
-        match = _CHECKSUM_LINE.match(data[first + 1 : second].decode("ascii", "replace")) if data[:first] == b"{" and second > 0 else None
+        match = CHECKSUM_LINE.match(data[first + 1 : second].decode("ascii", "replace")) if data[:first] == b"{" and second > 0 else None
         if match is None:
             try:
                 parsed = json.loads(data)
@@ -255,17 +255,17 @@ class Manifest:
         except UnicodeDecodeError as exc:
             raise ManifestError(f"manifest is not UTF-8 text: {exc}.") from None
         del data
-        rest, lines = _split_records(body)
+        rest, lines = split_records(body)
         try:
-            _check_density(rest, "manifest")
-            parsed = _loads(rest)
+            check_density(rest, "manifest")
+            parsed = loads_strict(rest)
             records = None
             if lines is not None:
                 if parsed.get("records") != []:
                     raise ManifestError("manifest lists 'records' twice.")
                 version = parsed.get("schema_version")
                 with _gc_paused():  # 100,000s of new objects, none cyclic: collecting them costs more than the parse
-                    records = records_from_list(_record_lines(body, *lines), "manifest['records']",
+                    records = records_from_list(record_lines(body, *lines), "manifest['records']",
                                                 schema=version if version in READABLE_VERSIONS else SCHEMA_VERSION)
         except RecursionError:
             raise ManifestError("manifest is nested too deeply.") from None

@@ -11,14 +11,14 @@ from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import ManifestError
-from .files import check_density as _check_density
+from .files import check_density
 from .records import check_json, record_line, require
 
 __all__ = ["render", "checksum_of"]
 
 _RESULT_KINDS = ("module", "state_dict", "tensor", "array", "value")
 _PRETTY = json.JSONEncoder(sort_keys=True, ensure_ascii=False, allow_nan=False, indent=2)
-_CHECKSUM_LINE = re.compile(r'^  "checksum": "(sha256:[0-9a-f]{64})",$')
+CHECKSUM_LINE = re.compile(r'^  "checksum": "(sha256:[0-9a-f]{64})",$')
 
 
 def _records_text(records: Any, indent: str) -> str:
@@ -59,12 +59,12 @@ def checksum_of(body: Mapping[str, Any]) -> str:
     return _digest(text)
 
 
-def _with_checksum(text: str) -> str:
+def with_checksum(text: str) -> str:
     """Rendered `text` with its checksum line inserted as line 2."""
     return "{\n" + f'  "checksum": "{_digest(text)}",\n' + text[2:]
 
 
-def _results(data: Any, where: str) -> Tuple[Dict[str, Any], ...]:
+def check_results(data: Any, where: str) -> Tuple[Dict[str, Any], ...]:
     if not isinstance(data, list):
         raise ManifestError(f"{where} must be a list, got {type(data).__name__}.")
     out, seen = [], set()
@@ -89,7 +89,7 @@ def _results(data: Any, where: str) -> Tuple[Dict[str, Any], ...]:
     return tuple(out)
 
 
-def _trace_entry(entry: Any) -> Dict[str, Any]:
+def check_trace_entry(entry: Any) -> Dict[str, Any]:
     from .tracefile import check_entry
 
     return check_entry(entry)
@@ -100,7 +100,7 @@ _REPLAY_LISTS = {"missing": dict, "new": dict, "mismatches": dict, "environment"
 _REPLAY_RESULTS = {"matched": str, "mismatched": dict, "missing": str, "new": str}
 
 
-def _check_replay(replay: Any) -> None:
+def check_replay(replay: Any) -> None:
     """The replay section as ``SeedSession.replay_report()`` writes it: its keys, the verdict, and
     the type of every list's items (so that ``seedreg show`` and readers can trust its shape)."""
     where = "manifest['replay']"
@@ -142,7 +142,7 @@ def _no_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
     return out
 
 
-def _loads(text: str) -> Any:
+def loads_strict(text: str) -> Any:
     return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_no_duplicates)
 
 
@@ -150,7 +150,7 @@ _RECORDS_OPEN = '\n  "records": [\n'
 _RECORDS_CLOSE = "\n  ]"
 
 
-def _split_records(body: str) -> Tuple[str, Optional[Tuple[int, int]]]:
+def split_records(body: str) -> Tuple[str, Optional[Tuple[int, int]]]:
     """The body with its records block (as seedreg renders it) replaced by ``[]``, and where the
     block's lines lie; ``(body, None)`` when the records are not laid out one per line."""
     i = body.find(_RECORDS_OPEN)
@@ -163,7 +163,7 @@ def _split_records(body: str) -> Tuple[str, Optional[Tuple[int, int]]]:
     return body[:i] + '\n  "records": []' + body[end + len(_RECORDS_CLOSE) :], (start, end)
 
 
-def _record_lines(body: str, start: int, end: int, chunk: int = 2048) -> Any:
+def record_lines(body: str, start: int, end: int, chunk: int = 2048) -> Any:
     """The records of ``body[start:end]`` (one per line, commas between), parsed `chunk` lines at a
     time: the JSON tree of all records never exists at once."""
     pos = start
@@ -175,10 +175,10 @@ def _record_lines(body: str, start: int, end: int, chunk: int = 2048) -> Any:
                 stop = end
                 break
         text = body[pos:stop]
-        _check_density(text, "manifest['records']")
+        check_density(text, "manifest['records']")
         if stop < end:
             if not text.endswith(","):
                 raise ManifestError("manifest records are not one per line with commas between.")
             text = text[:-1]
-        yield from _loads("[" + text + "]")
+        yield from loads_strict("[" + text + "]")
         pos = stop + 1

@@ -38,7 +38,7 @@ def _capture(model: torch.nn.Module, optimizers: Sequence[Any]) -> Dict[str, Any
     every generator a session handed out."""
     state = {
         "params": [(p, p.detach().clone()) for p in model.parameters()],
-        "buffers": [(m, name, None if b is None else b.detach().clone()) for m in model.modules() for name, b in m._buffers.items()],
+        "buffers": [(m, name, b.detach().clone()) for m in model.modules() for name, b in m.named_buffers(recurse=False)],
         "grads": [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()],
         "optimizers": [copy.deepcopy(opt.state_dict()) for opt in optimizers],
         "generators": [(g, g.get_state()) for g in rng.issued_generators()],
@@ -57,9 +57,9 @@ def _restore(model: torch.nn.Module, optimizers: Sequence[Any], state: Dict[str,
         for p, value in state["params"]:
             p.copy_(value)
         for module, name, value in state["buffers"]:
-            current = module._buffers.get(name)
-            if value is None or current is None or current.shape != value.shape or current.dtype != value.dtype:
-                module._buffers[name] = None if value is None else value.clone()
+            current = getattr(module, name, None)
+            if not isinstance(current, torch.Tensor) or current.shape != value.shape or current.dtype != value.dtype:
+                setattr(module, name, value.clone())  # a buffer the step replaced (or set to None)
             else:
                 current.copy_(value)
     for p, g in state["grads"]:

@@ -13,36 +13,19 @@ must come out the same. The report's verdict says what a user may conclude:
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from .derive import InstanceId
+from .bitwise import BITWISE_KEYS, environment_differences
+from .determinism import environment
 from .errors import ReplayMismatchError
 from .records import SeedRecord, differences
-from .tracefile import next_step
+from .tracefile import load_trace, next_step
 
-__all__ = ["BITWISE_KEYS", "Replay", "environment_differences"]
-
-#: Environment keys whose difference rules out bitwise equality of a replay.
-BITWISE_KEYS = (
-    "platform",
-    "cpu_capability",
-    "num_threads",  # measured: a TinyCNN epoch on 1 and 2 CPU threads ends with different weights
-    "torch",
-    "numpy",
-    "cuda",
-    "cudnn",
-    "gpus",
-    "cublas_workspace_config",
-    "deterministic_algorithms",
-    "cudnn_deterministic",
-    "cudnn_benchmark",
-    "cudnn_allow_tf32",
-    "cuda_matmul_allow_tf32",
-    "float32_matmul_precision",
-    "autocast_cpu",
-    "world_size",
-)
+__all__ = ["BITWISE_KEYS", "Replay", "environment_differences", "open_replay"]
 
 Key = Tuple[str, InstanceId]
 _SHOWN_FIELDS = 8  # mismatching fields listed per use
@@ -54,19 +37,6 @@ def _show(key: Key) -> str:
 
 def _typed(key: Key) -> Tuple[str, type, InstanceId]:
     return (key[0], type(key[1]), key[1])
-
-
-def environment_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> List[Dict[str, Any]]:
-    """Each environment key whose value changed, and whether that rules out bitwise equality.
-
-    A key the recorded run did not write (an older seedreg) is listed but does not rule it out.
-    """
-    out = []
-    for key in sorted(set(recorded) | set(current)):
-        a, b = recorded.get(key), current.get(key)
-        if a != b:
-            out.append({"key": key, "recorded": a, "current": b, "breaks_bitwise": key in BITWISE_KEYS and key in recorded})
-    return out
 
 
 class Replay:
@@ -274,41 +244,22 @@ def _ordinal(n: int) -> str:
     return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
-def open_replay(cls: Any, source: Any, *, strict: bool, rank: Optional[int], world_size: Optional[int]) -> Any:
-    """``SeedSession.from_manifest``: a session of class `cls` set up to replay `source`."""
-    import functools
-
-    from .determinism import environment
-    from .manifest import Manifest
-    from .tracefile import load_trace
-
-    manifest = source if isinstance(source, Manifest) else Manifest.load(source)
-    if not isinstance(strict, bool):
-        raise TypeError(f"`strict` must be a bool, got {strict!r}.")
-    settings = manifest.settings
-    session = cls(
-        manifest.master_seed,
-        scheme=manifest.scheme,
-        deterministic=settings["deterministic"],
-        warn_only=settings["warn_only"],
-        fill_uninitialized_memory=settings["fill_uninitialized_memory"],
-        rank=rank,
-        world_size=world_size,
-    )
-    if strict and session.world_size != manifest.world_size:
+def open_replay(manifest: Any, source: Any, *, strict: bool, rank: int, world_size: int) -> Replay:
+    """The replay of `manifest` (read from `source`, a path or the Manifest itself) by rank `rank`
+    of `world_size` (``SeedSession.from_manifest``)."""
+    if strict and world_size != manifest.world_size:
         raise ReplayMismatchError(
             f"the manifest was written by a run of world_size={manifest.world_size}, this process has "
-            f"world_size={session.world_size}; launch with the same number of ranks, or replay with strict=False."
+            f"world_size={world_size}; launch with the same number of ranks, or replay with strict=False."
         )
-    expected = manifest.records_for_rank(session.rank) if manifest.world_size == session.world_size else manifest.records
-    session._replay = Replay(manifest, expected, strict=strict, legacy=manifest.read_version < 2,
-                             environment=functools.partial(environment, session.world_size))
-    session._registry.replay_against(session._replay)
+    expected = manifest.records_for_rank(rank) if manifest.world_size == world_size else manifest.records
+    replay = Replay(manifest, expected, strict=strict, legacy=manifest.read_version < 2,
+                    environment=functools.partial(environment, world_size))
     if manifest.trace is not None:
-        if isinstance(source, Manifest):
-            session._replay.trace_unavailable = (
+        if not isinstance(source, (str, os.PathLike)):
+            replay.trace_unavailable = (
                 f"the manifest has a step trace ({manifest.trace['file']}) but the session was made from a Manifest "
                 f"object, which does not say where the trace lies: pass the manifest's path to from_manifest().")
         else:
-            session._replay.trace_expected = load_trace(source, manifest.trace)
-    return session
+            replay.trace_expected = load_trace(source, manifest.trace)
+    return replay

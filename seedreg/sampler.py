@@ -168,6 +168,24 @@ class DeterministicSampler(Sampler[int]):
         self._started = False
         self._exhausted = False
 
+    def seek(self, epoch: int, position: int) -> None:
+        """Stand at `position` (samples already taken) of `epoch`, as if loaded from a state saved there."""
+        self.set_epoch(epoch)
+        self.position = _check_int("position", position, 0, self.num_samples)
+        self._started = False
+        self._exhausted = False
+
+    def finish_epoch(self) -> None:
+        """The epoch's iteration ran to its end (a loader says so when its iterator is exhausted)."""
+        self.position = len(self)
+        self._exhausted = True
+
+    @property
+    def resumed_at_end(self) -> bool:
+        """Loaded at the end of `epoch` before its iteration was seen to end: iterating without
+        ``set_epoch`` yields that epoch's empty rest first."""
+        return self._resumed_at_end
+
     def begin_epoch(self) -> List[int]:
         """Start an iteration: advance the epoch if the current one was already iterated, then
         return the indices still to come in it (all of them, or the rest after a resume)."""

@@ -15,53 +15,28 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, U
 import numpy as np
 import torch
 
-from . import builders as _builders
 from . import distributed as _dist
-from . import resume as _resume
+from . import rng as _rng
 from ._log import enabled as log_enabled
 from ._log import logger as log
+from .builders import Builders
 from .data import SeededDataLoader
+from .devices import check_cuda_devices, check_device
 from .derive import DEFAULT_SCHEME, InstanceId, check_master_seed, check_scheme
-from .determinism import DeterminismSettings, ViolationLog, apply_settings, environment
-from . import results as _results
-from . import rng as _rng
-from .dump import dump as _dump
-from .dump import manifest_of as _manifest_of
+from .determinism import DeterminismSettings, GlobalSetup, environment
+from .dump import write_manifest
 from .errors import SeedregError
 from .loaders import LoaderBook
 from .manifest import Manifest, PathLike
 from .records import SeedRecord
 from .registry import Registry
 from .replay import Replay, open_replay
-from .rng import Fork, seed_globals
-from .trace import Trace, start_trace
+from .results import Results
+from .resume import SessionState
+from .rng import Fork
+from .trace import Trace
 
 __all__ = ["SeedSession"]
-
-
-def _check_device(device: Any) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"`device` must name a torch device such as 'cpu' or 'cuda:0', got {device!r}.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"`device` is {device!r} but this process sees no CUDA device; use device='cpu'.")
-    return dev
-
-
-def _check_cuda_devices(devices: Any) -> List[int]:
-    out: List[Optional[int]]
-    try:
-        out = [int(d) if isinstance(d, int) and not isinstance(d, bool) else torch.device(d).index for d in devices]
-    except (RuntimeError, TypeError, ValueError):
-        out = [None]
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if any(d is None or not 0 <= d < count for d in out):
-        raise ValueError(
-            f"`devices` must list CUDA device indices in [0, {count - 1}] (this process sees {count}), got {devices!r}; "
-            f"pass devices=[] to fork no CUDA generator."
-        )
-    return out  # type: ignore[return-value]
 
 
 class SeedSession:
@@ -90,40 +65,46 @@ class SeedSession:
                  world_size: Optional[int] = None) -> None:
         self.master_seed = check_master_seed(master_seed)
         self.scheme = check_scheme(scheme)
-        self.settings = DeterminismSettings.checked(
-            deterministic=deterministic, warn_only=warn_only, fill_uninitialized_memory=fill_uninitialized_memory
-        )
+        self.settings = DeterminismSettings.checked(deterministic=deterministic, warn_only=warn_only,
+                                                    fill_uninitialized_memory=fill_uninitialized_memory)
         self.rank, self.world_size = _dist.resolve_rank(rank, world_size)
+        # the collaborators, each given what it needs; a replay is handed to those that check against it
         self._registry = Registry(self.master_seed, self.scheme)
-        self._violations = ViolationLog()
-        self._applied: Dict[str, Any] = {}
-        self._is_set_up = False
-        self._book = LoaderBook(self)
+        self._setup = GlobalSetup(self.master_seed, self.settings)
+        self._builders = Builders(self._registry, self._setup)
+        self._results = Results()
         self._replay: Optional[Replay] = None
-        self._results: Dict[str, Dict[str, Any]] = {}
-        self._warned_setup = False
         self._trace: Optional[Trace] = None
+        self._compose()
         self.resumed = False  # load_state_dict was called: this run continues another
 
+    def _compose(self) -> None:
+        """The collaborators that hold this process's loaders (made again in a spawned copy)."""
+        self._book = LoaderBook(self._registry, self._setup, rank=self.rank, world_size=self.world_size, owner=self)
+        identity = {"master_seed": self.master_seed, "scheme": self.scheme, "rank": self.rank, "world_size": self.world_size}
+        self._state = SessionState(identity, self._registry, self._book)
+        self._book.replay = self._state.replay = self._replay
+
+    def _start_replay(self, replay: Replay) -> None:
+        self._replay = replay
+        self._registry.replay_against(replay)
+        self._book.replay = self._state.replay = self._results.replay = replay
+
     def __repr__(self) -> str:
-        return (
-            f"SeedSession({self.master_seed}, scheme={self.scheme!r}, deterministic={self.settings.deterministic}, "
-            f"rank={self.rank}, world_size={self.world_size})"
-        )
+        return (f"SeedSession({self.master_seed}, scheme={self.scheme!r}, deterministic={self.settings.deterministic}, "
+                f"rank={self.rank}, world_size={self.world_size})")
 
     def __getstate__(self) -> Dict[str, Any]:
         # A copy sent to a spawned worker: it keeps the registry (which then refuses uses) but
         # neither the loaders nor the violation log of this process.
         state = dict(self.__dict__)
-        state["_book"] = None
-        state["_violations"] = None
+        state["_book"] = state["_state"] = None
         state["_trace"] = None  # it holds the model
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._book = LoaderBook(self)
-        self._violations = ViolationLog()
+        self._compose()
 
     # -- global setup ------------------------------------------------------------------------------
 
@@ -133,12 +114,9 @@ class SeedSession:
         With one process the global generators get `master_seed` itself; with several, each rank
         gets a seed derived from (master seed, rank), so dropout differs across ranks.
         """
-        if self._is_set_up:
+        if self._setup.is_set_up:
             return self
-        seed = self.master_seed if self.world_size == 1 else self.rank_seed("global")
-        seed_globals(seed)
-        self._applied = {"global_seed": seed, **apply_settings(self.settings, self._violations)}
-        self._is_set_up = True
+        self._setup.apply(self.master_seed if self.world_size == 1 else self.rank_seed("global"))
         if log_enabled(logging.INFO):
             log.info("seedreg_setup", master_seed=self.master_seed, rank=self.rank, world_size=self.world_size)
         return self
@@ -146,7 +124,7 @@ class SeedSession:
     @property
     def violations(self) -> List[Dict[str, str]]:
         """Nondeterminism that happened: ops without a deterministic kernel, late CUBLAS settings."""
-        return list(self._violations)
+        return list(self._setup.violations)
 
     # -- seeds -------------------------------------------------------------------------------------
 
@@ -163,7 +141,7 @@ class SeedSession:
 
     def generator(self, purpose: str, instance_id: InstanceId = None, device: Union[str, torch.device] = "cpu") -> torch.Generator:
         """A new ``torch.Generator`` on `device`, at the start of the stream of (purpose, instance_id)."""
-        dev = _check_device(device)
+        dev = check_device(device)
         seed = self._seed(purpose, instance_id, "generator")
         g = torch.Generator(device=dev)
         g.manual_seed(seed)
@@ -188,7 +166,7 @@ class SeedSession:
         True
         """
         if devices is not None:
-            devices = _check_cuda_devices(devices)
+            devices = check_cuda_devices(devices)
         return Fork(self._seed(purpose, instance_id, "fork"), devices=devices, python=python, numpy=numpy, enabled=enabled)
 
     def scope(self, instance_id: InstanceId, *, devices: Optional[Sequence[int]] = None, enabled: bool = True) -> Fork:
@@ -210,7 +188,7 @@ class SeedSession:
         True
         """
         if devices is not None:
-            devices = _check_cuda_devices(devices)
+            devices = check_cuda_devices(devices)
         return Fork(self._seed("scope", instance_id, "scope"), devices=devices, python=True, numpy=True, enabled=enabled)
 
     @property
@@ -226,19 +204,26 @@ class SeedSession:
         the manifest; a replaying session compares it with the recorded one (strict: a difference
         raises :class:`ReplayMismatchError`; the report lists matched, mismatched and missing).
 
-        >>> s = SeedSession(0)
+        >>> s = SeedSession(0).setup()
         >>> s.record_result("final_loss", 0.125)
         {'name': 'final_loss', 'kind': 'value', 'value': 0.125}
         """
-        return _results.record(self, name, value)
+        return self._results.record(name, value)
 
-    def _adopt_results(self, entries: Any) -> None:
-        _results.adopt(self, entries)
+    def adopt_results(self, entries: Any) -> None:
+        """Take over results a checkpointed run recorded (entries of :attr:`results`, as saved with a
+        checkpoint): each one not yet recorded here is added, and checked when replaying. The
+        integrations call it when they resume; a hand-written resume can too."""
+        self._results.adopt(entries)
+
+    def has_result(self, name: str) -> bool:
+        """Whether a result named `name` was recorded (or adopted) in this session."""
+        return name in self._results
 
     @property
     def results(self) -> List[Dict[str, Any]]:
         """Every result recorded so far, in order."""
-        return [dict(r) for r in self._results.values()]
+        return self._results.entries()
 
     # -- step traces -------------------------------------------------------------------------------
 
@@ -251,13 +236,29 @@ class SeedSession:
         In a session made by :meth:`from_manifest` each step is compared as it is traced, and the
         first difference is ``replay_report()["first_divergence"]`` (strict: it raises there).
 
-        >>> s = SeedSession(0)
+        >>> s = SeedSession(0).setup()
         >>> model = s.build_model(torch.nn.Linear, None, in_features=2, out_features=1)
         >>> trace = s.trace(model)
         >>> trace.step(0, loss=model(torch.ones(2)).sum())
         True
         """
-        return start_trace(self, model, every=every, grads=grads, buffers=buffers)
+        if self._trace is not None:
+            raise SeedregError("this session already traces a model (one trace per session: use one session per run).")
+        replay = self._replay
+        if replay is not None and replay.trace_unavailable is not None:
+            raise SeedregError(replay.trace_unavailable)
+        self._trace = Trace(model, every=every, grads=grads, buffers=buffers,
+                            expected=None if replay is None else replay.trace_expected,
+                            on_divergence=None if replay is None else replay.trace_diverged,
+                            resumed=lambda: self.resumed)
+        if replay is not None:
+            replay.trace = self._trace
+        return self._trace
+
+    @property
+    def current_trace(self) -> Optional[Trace]:
+        """The trace :meth:`trace` started, or None."""
+        return self._trace
 
     # -- builders ----------------------------------------------------------------------------------
 
@@ -266,14 +267,14 @@ class SeedSession:
         ("model", instance_id): the weights do not depend on anything drawn before, and the global
         generators are as they were afterwards. A module's class, size and fingerprint are recorded
         with the use (and checked against the manifest when replaying)."""
-        return _builders.build_model(self, factory, instance_id, kwargs)
+        return self._builders.model(factory, instance_id, kwargs)
 
     def build_optimizer(
         self, optimizer_class: Type[torch.optim.Optimizer], params: Any, instance_id: InstanceId = None, **kwargs: Any
     ) -> torch.optim.Optimizer:
         """``optimizer_class(params, **kwargs)`` inside a fork seeded with the seed of ("optimizer", instance_id).
         Its class and every hyperparameter of each parameter group are recorded with the use."""
-        return _builders.build_optimizer(self, optimizer_class, params, instance_id, kwargs)
+        return self._builders.optimizer(optimizer_class, params, instance_id, kwargs)
 
     def build_dataloader(self, dataset: Any, instance_id: InstanceId = None, *, batch_size: Optional[int] = 1,
                          shuffle: bool = False, num_workers: int = 0, drop_last: bool = False, seed_per_example: bool = True,
@@ -309,7 +310,7 @@ class SeedSession:
         """A deterministic bool mask over `num_examples` for LDS model `instance_id`: "fixed" keeps
         exactly ``round(alpha * n)``, "bernoulli" keeps each with probability `alpha`. Recorded,
         with a digest of the mask."""
-        return _builders.subset_mask(self, num_examples, alpha, instance_id, mode)
+        return self._builders.subset_mask(num_examples, alpha, instance_id, mode)
 
     # -- replay ------------------------------------------------------------------------------------
 
@@ -323,27 +324,38 @@ class SeedSession:
         each :meth:`record_result` against the recorded result. With `strict` a difference, or a
         key the manifest lacks, raises at once; otherwise it is listed in :meth:`replay_report`.
         """
-        return open_replay(cls, source, strict=strict, rank=rank, world_size=world_size)
+        manifest = source if isinstance(source, Manifest) else Manifest.load(source)
+        if not isinstance(strict, bool):
+            raise TypeError(f"`strict` must be a bool, got {strict!r}.")
+        settings = manifest.settings
+        session = cls(manifest.master_seed, scheme=manifest.scheme, deterministic=settings["deterministic"],
+                      warn_only=settings["warn_only"], fill_uninitialized_memory=settings["fill_uninitialized_memory"],
+                      rank=rank, world_size=world_size)
+        session._start_replay(open_replay(manifest, source, strict=strict, rank=session.rank, world_size=session.world_size))
+        return session
 
     def replay_report(self) -> Dict[str, Any]:
         """What the replay used and produced against what was recorded, and the verdict:
         ``bitwise``, ``diverged`` (a use or result differs) or ``statistical`` (the environment does)."""
         if self._replay is None:
             raise SeedregError("replay_report() needs a session made by SeedSession.from_manifest(...).")
-        return self._replay.report(list(self._registry), environment(self.world_size), set_up=self._is_set_up)
+        return self._replay.report(list(self._registry), environment(self.world_size), set_up=self._setup.is_set_up)
 
     # -- manifest ----------------------------------------------------------------------------------
 
     def manifest(self) -> Manifest:
         """The manifest of this session (this rank's records)."""
-        return _manifest_of(self)
+        return Manifest(master_seed=self.master_seed, scheme=self.scheme, records=self.records, settings=self.settings.to_dict(),
+                        applied=self._setup.applied, environment=environment(self.world_size), violations=tuple(self.violations),
+                        world_size=self.world_size, results=self.results,
+                        replay=self.replay_report() if self._replay is not None else None)
 
     def dump(self, path: PathLike) -> pathlib.Path:
         """Write the manifest atomically to `path` and return the path. A step trace (:meth:`trace`)
         is written first, beside it, as `path` + ``.trace``, and named with its SHA-256 in the manifest.
         With world_size > 1 this is collective: every rank must call it; rank 0 gathers every
         rank's records and writes one manifest for the job (others return the same path)."""
-        return _dump(self, path)
+        return write_manifest(self.manifest(), path, trace=self._trace, rank=self.rank, world_size=self.world_size)
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -351,7 +363,7 @@ class SeedSession:
         """The whole random state of this rank, JSON-native: the registry (every key and its uses),
         the global generators (python, numpy, torch CPU, CUDA devices in use) and the position of
         each loader the program still holds (by instance id and use)."""
-        return _resume.state_dict(self)
+        return self._state.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`. Everything is validated before anything changes.
@@ -361,8 +373,24 @@ class SeedSession:
         restored right before the next batch is drawn from any of this session's loaders (so
         nothing that runs in between can consume them), or at once if the session has no loaders.
         """
-        _resume.load_state(self, state)
+        self._state.load(state)
         self.resumed = True
 
-    def _live_loaders(self) -> List[Any]:
+    def check_state_dict(self, state: Any) -> None:
+        """Check `state` as :meth:`load_state_dict` would before its loaders exist (its identity,
+        records, generators and each loader entry), changing nothing; raises :class:`StateError`."""
+        self._state.check(state)
+
+    def rewind_point(self) -> Dict[str, Any]:
+        """The global generators and every live loader's position (JSON-native), to go back to in
+        this process with :meth:`rewind` (``magic.StepCheckpoints`` keeps one per checkpoint)."""
+        return self._state.rewind_point()
+
+    def rewind(self, point: Mapping[str, Any]) -> None:
+        """Put the generators and loader positions of :meth:`rewind_point` back at once. The
+        registry's uses stay as they are, and loaders built since are left alone."""
+        self._state.rewind(point)
+
+    def live_loaders(self) -> List[Any]:
+        """The loaders this session built that the program still holds, in the order they were built."""
         return self._book.live()

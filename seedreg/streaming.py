@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, default_convert, get_worker_info
 
 from .derive import mix_seed
+from .loaderkey import LoaderKey
 from .errors import StateError
 from .rng import seed_numpy_global
 
@@ -45,7 +46,7 @@ _SEED_MASK = (1 << 63) - 1
 _default_generator = torch.default_generator
 
 
-def _jsonable_state(state: Any, where: str) -> Any:
+def jsonable_state(state: Any, where: str) -> Any:
     """`state` if it is JSON-native data that survives a round trip, else a StateError naming it."""
     try:
         text = json.dumps(state, allow_nan=False)
@@ -200,7 +201,7 @@ class _Consumed:
         return tagged.batch
 
 
-class SeededIterableLoader(DataLoader):
+class SeededIterableLoader(LoaderKey, DataLoader):
     """A DataLoader over an iterable dataset whose randomness, sharding and position are seedreg's.
 
     ``set_epoch``, ``state_dict`` and ``load_state_dict`` work as for map-style loaders. Iterating
@@ -220,11 +221,15 @@ class SeededIterableLoader(DataLoader):
         num_workers: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        use: int = 1,
+        session: Any = None,
+        before_batch: Optional[Callable[[], None]] = None,
         **kwargs: Any,
     ) -> None:
         self._instance_id = instance_id
-        self._use = 1
-        self._before_batch: Optional[Callable[[], None]] = None
+        self._use = use
+        self._session = session
+        self._before_batch = before_batch
         self._seed = seed
         self._epoch = 0
         self._started = False
@@ -239,11 +244,6 @@ class SeededIterableLoader(DataLoader):
         gen.manual_seed(seed & _SEED_MASK)
         super().__init__(stream, batch_size=batch_size, drop_last=drop_last, num_workers=num_workers,
                          collate_fn=_TaggingCollate(stream, collate), generator=gen, **kwargs)
-
-    @property
-    def instance_id(self) -> Any:
-        """The instance id it was built with (its key is ``("dataloader", instance_id)``)."""
-        return self._instance_id
 
     @property
     def seed(self) -> int:
@@ -296,7 +296,7 @@ class SeededIterableLoader(DataLoader):
             "exhausted": self._exhausted,
             "last_worker": self._last_worker if self._started else self._pending_last,
             "workers": {
-                k: {**v, "state": _jsonable_state(v.get("state"), f"the state_dict() of worker {k}'s dataset")}
+                k: {**v, "state": jsonable_state(v.get("state"), f"the state_dict() of worker {k}'s dataset")}
                 for k, v in (self._consumed if self._started else self._pending).items()
             },
         }
@@ -340,7 +340,7 @@ class SeededIterableLoader(DataLoader):
                     f"load_state_dict to resume by its own state."
                 )
             checked[k] = {"count": w["count"], "position": w["position"],
-                          "state": _jsonable_state(w.get("state"), f"loader state['workers'][{k!r}]['state']")}
+                          "state": jsonable_state(w.get("state"), f"loader state['workers'][{k!r}]['state']")}
         exhausted = state.get("exhausted")
         if type(exhausted) is not bool:
             raise StateError("loader state['exhausted'] must be a bool.")

@@ -21,9 +21,9 @@ import torch
 
 from .errors import ManifestError, ReplayMismatchError, SeedregError, SeedregWarning, StateError, user_stacklevel
 from .nondeterminism import checksums
-from .tracefile import TraceData, _differs, _kind
+from .tracefile import TraceData, differs, tensor_kind
 
-__all__ = ["Trace", "start_trace"]
+__all__ = ["Trace"]
 
 
 class Trace:
@@ -110,6 +110,11 @@ class Trace:
         """The steps traced so far."""
         return list(self._steps)
 
+    @property
+    def last_step(self) -> Optional[int]:
+        """The last step given to :meth:`step` (traced or not), None before the first."""
+        return self._last
+
     # -- recording ---------------------------------------------------------------------------------
 
     def _check_step(self, step: Any) -> int:
@@ -160,7 +165,7 @@ class Trace:
         out[len(self.names) - p - len(bufs) :] = sums[at:]
         return present, out, value
 
-    def _take_grads(self) -> None:
+    def take_grads(self) -> None:
         """Fingerprint the gradients now, for the next :meth:`step` (integrations whose loop clears
         ``.grad`` between ``optimizer.step()`` and the point where the step is traced)."""
         if not self.grads:
@@ -210,7 +215,7 @@ class Trace:
         present, sums, _ = self._fingerprint(loss)
         if loss is None:  # nothing to compare the recorded loss with
             present[0], sums[0] = self._present[i][0], self._sums[i][0]
-        name = _differs(self.names, present, sums, self._present[i], self._sums[i], self._columns)
+        name = differs(self.names, present, sums, self._present[i], self._sums[i], self._columns)
         if name is not None:
             raise ReplayMismatchError(
                 f"re-running step {step} did not reproduce the traced run: {name} differs first; the replay is not exact "
@@ -244,9 +249,9 @@ class Trace:
         row = self.expected.row(step)
         if row is None:
             return
-        name = _differs(self.names, self._present[i], self._sums[i], self.expected.present[row], self.expected.sums[row], self._columns)
+        name = differs(self.names, self._present[i], self._sums[i], self.expected.present[row], self.expected.sums[row], self._columns)
         if name is not None:
-            self.first_divergence = {"step": step, "tensor": name, "kind": _kind(name)}
+            self.first_divergence = {"step": step, "tensor": name, "kind": tensor_kind(name)}
             if self._on_divergence is not None:
                 self._on_divergence(self.first_divergence)
 
@@ -299,18 +304,3 @@ class Trace:
             for i in range(len(self._steps)):
                 self._compare(i)
 
-
-def start_trace(session: Any, model: torch.nn.Module, *, every: int, grads: bool, buffers: bool = True) -> Trace:
-    """``SeedSession.trace``: the session's one trace, compared with the recorded one when replaying."""
-    if session._trace is not None:
-        raise SeedregError("this session already traces a model (one trace per session: use one session per run).")
-    replay = session._replay
-    if replay is not None and replay.trace_unavailable is not None:
-        raise SeedregError(replay.trace_unavailable)
-    expected = replay.trace_expected if replay is not None else None
-    session._trace = Trace(model, every=every, grads=grads, buffers=buffers, expected=expected,
-                           on_divergence=None if replay is None else replay.trace_diverged,
-                           resumed=lambda: session.resumed)
-    if replay is not None:
-        replay.trace = session._trace
-    return session._trace

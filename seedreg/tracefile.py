@@ -147,7 +147,7 @@ class TraceData:
         )
 
 
-def _differs(names: Sequence[str], pa: np.ndarray, sa: np.ndarray, pb: np.ndarray, sb: np.ndarray,
+def differs(names: Sequence[str], pa: np.ndarray, sa: np.ndarray, pb: np.ndarray, sb: np.ndarray,
              columns: Sequence[Tuple[int, int]]) -> Optional[str]:
     """The first tensor (in comparison order) whose presence or fingerprint differs between two rows."""
     for ca, cb in columns:
@@ -156,7 +156,7 @@ def _differs(names: Sequence[str], pa: np.ndarray, sa: np.ndarray, pb: np.ndarra
     return None
 
 
-def _kind(name: str) -> str:
+def tensor_kind(name: str) -> str:
     return name.split("/", 1)[0]
 
 
@@ -185,9 +185,9 @@ def first_difference(a: TraceData, b: TraceData) -> Optional[Dict[str, Any]]:
     columns = [(c, cols_b[name]) for c, name in enumerate(a.names) if name in cols_b]
     common, ia, ib = np.intersect1d(a.steps, b.steps, assume_unique=True, return_indices=True)
     for step, i, j in zip(common.tolist(), ia.tolist(), ib.tolist()):
-        name = _differs(a.names, a.present[i], a.sums[i], b.present[j], b.sums[j], columns)
+        name = differs(a.names, a.present[i], a.sums[i], b.present[j], b.sums[j], columns)
         if name is not None:
-            return {"step": step, "tensor": name, "kind": _kind(name)}
+            return {"step": step, "tensor": name, "kind": tensor_kind(name)}
     return None
 
 

@@ -205,7 +205,7 @@ class _Plan:
                     continue
                 members, index = what
                 flat = [tensors[p] if isinstance(p, int) else p for p in index["pieces"]]
-                words = torch._C._nn.flatten_dense_tensors([t.detach() for t in flat]).view(torch.int64)
+                words = torch.cat([t.detach().reshape(-1) for t in flat]).view(torch.int64)
                 if words.device.type == "cpu":
                     results.append(torch.from_numpy(_segments(words.numpy(), index["numpy"])).to(self.out_device))
                     continue

@@ -18,14 +18,14 @@ import torch
 from seedreg import Manifest, ManifestError, SeedRecord, SeedSession, StateError
 from seedreg.cli import main as cli_main
 from seedreg.demo import ToyImages
-from seedreg.manifest import _with_checksum, render
+from seedreg.manifest import with_checksum, render
 from seedreg.rng import capture_global
 
 from .conftest import child_env
 
 
 def _session_with_loader():
-    s = SeedSession(3)
+    s = SeedSession(3).setup()
     s.seed("a", 1)
     loader = s.build_dataloader(ToyImages(12), "d", batch_size=4, shuffle=True)
     return s, loader
@@ -89,7 +89,7 @@ class TestCraftedStates:
     def test_two_keys_the_registry_would_refuse(self):
         """("model_a", None) and ("model", "a") share a seed under sha256-v1: never both installed."""
         state = _state()
-        s = SeedSession(3)
+        s = SeedSession(3).setup()
         seed = s.seed("model_a")
         state["records"] = [
             {"purpose": "model_a", "instance_id": None, "seed": seed, "kind": "seed", "uses": 1, "log": []},
@@ -97,33 +97,33 @@ class TestCraftedStates:
         ]
         state["loaders"] = []
         with pytest.raises(StateError, match="collision"):
-            SeedSession(3).load_state_dict(state)
+            SeedSession(3).setup().load_state_dict(state)
 
     def test_a_replaying_session_checks_the_state_against_the_manifest(self, tmp_path):
-        s = SeedSession(3)
+        s = SeedSession(3).setup()
         s.seed("a", 1)
         data = s.manifest().to_dict()
         data.pop("checksum")
         data["records"][0]["seed"] += 1  # an edited seed, resealed
-        forged = Manifest.from_json(_with_checksum(render(data)))
-        state = SeedSession(3)
+        forged = Manifest.from_json(with_checksum(render(data)))
+        state = SeedSession(3).setup()
         state.seed("a", 1)
         with pytest.raises(StateError, match="manifest recorded"):
             SeedSession.from_manifest(forged).load_state_dict(state.state_dict())
-        other = SeedSession(3)
+        other = SeedSession(3).setup()
         other.seed("not", "recorded")
         with pytest.raises(StateError, match="never issued"):
             SeedSession.from_manifest(s.manifest()).load_state_dict(other.state_dict())
 
 
 def _sealed(tmp_path, edit):
-    s = SeedSession(1)
+    s = SeedSession(1).setup()
     s.build_model(torch.nn.Linear, "m", in_features=2, out_features=1)
     data = s.manifest().to_dict()
     data.pop("checksum")
     edit(data)
     path = tmp_path / "m.json"
-    path.write_text(_with_checksum(render(data)))
+    path.write_text(with_checksum(render(data)))
     return path
 
 
@@ -147,7 +147,7 @@ class TestManifestFiles:
         lines.insert(i, '  "master_seed": 43,')
         body = "\n".join(["{"] + lines[2:])  # the checksum line dropped, then resealed
         with pytest.raises(ManifestError, match="twice"):
-            Manifest.from_json(_with_checksum(body))
+            Manifest.from_json(with_checksum(body))
 
     def test_special_files_are_refused_at_once(self, tmp_path):
         with pytest.raises(ManifestError, match="not a regular file"):
@@ -171,16 +171,16 @@ class TestManifestFiles:
     def test_mode_follows_the_umask_and_an_existing_file(self, tmp_path):
         old = os.umask(0o022)
         try:
-            path = SeedSession(1).dump(tmp_path / "m.json")
+            path = SeedSession(1).setup().dump(tmp_path / "m.json")
             assert stat.S_IMODE(path.stat().st_mode) == 0o644
             os.chmod(path, 0o640)
-            SeedSession(1).dump(path)
+            SeedSession(1).setup().dump(path)
             assert stat.S_IMODE(path.stat().st_mode) == 0o640
         finally:
             os.umask(old)
 
     def test_a_255_byte_name(self, tmp_path):
-        path = SeedSession(1).dump(tmp_path / ("m" * 250 + ".json"))
+        path = SeedSession(1).setup().dump(tmp_path / ("m" * 250 + ".json"))
         assert Manifest.load(path).master_seed == 1
 
     def test_temp_files_of_a_killed_writer_are_cleaned(self, tmp_path):
@@ -192,13 +192,13 @@ class TestManifestFiles:
         alive = tmp_path / f"{_temp_prefix(target)}{os.getpid()}.cafe.tmp"
         stale.write_bytes(b"half a manifest")
         alive.write_bytes(b"another writer, still running")
-        SeedSession(1).dump(target)
+        SeedSession(1).setup().dump(target)
         assert not stale.exists() and alive.exists()
 
 
 class TestCommandLine:
     def test_closed_pipe_exits_quietly(self, tmp_path):
-        path = SeedSession(1).dump(tmp_path / "m.json")
+        path = SeedSession(1).setup().dump(tmp_path / "m.json")
         proc = subprocess.run(
             f"'{sys.executable}' -m seedreg show '{path}' | head -c 10",
             shell=True, capture_output=True, text=True, env=child_env(), timeout=120,

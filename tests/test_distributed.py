@@ -94,25 +94,25 @@ def test_replay_from_the_job_manifest(first_launch, tmp_path):
 def test_rank_from_torchrun_environment(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    s = SeedSession(3)
+    s = SeedSession(3).setup()
     assert (s.rank, s.world_size) == (1, 4)
     loader = s.build_dataloader(list(range(10)), batch_size=None)
     assert loader.sampler.num_replicas == 4 and loader.sampler.rank == 1 and len(loader.sampler) == 3
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(ValueError, match=r"\[0, 3\]"):
-        SeedSession(3)
+        SeedSession(3).setup()
 
 
 def test_resume_on_another_world_size_refused(monkeypatch):
     from seedreg import StateError
 
-    state = SeedSession(3, rank=0, world_size=2).state_dict()
+    state = SeedSession(3, rank=0, world_size=2).setup().state_dict()
     with pytest.raises(StateError, match="world_size"):
-        SeedSession(3, rank=0, world_size=1).load_state_dict(state)
+        SeedSession(3, rank=0, world_size=1).setup().load_state_dict(state)
 
 
 def test_dump_without_process_group_refused(tmp_path):
     from seedreg import SeedregError
 
     with pytest.raises(SeedregError, match="collective"):
-        SeedSession(3, rank=0, world_size=2).dump(tmp_path / "m.json")
+        SeedSession(3, rank=0, world_size=2).setup().dump(tmp_path / "m.json")

@@ -64,3 +64,47 @@ def test_doctests_become_console_blocks():
     spec.loader.exec_module(module)
     text = "Intro.\n\n>>> a = 1\n>>> a\n1\n\nAfter."
     assert module.fence_doctests(text) == "Intro.\n\n```pycon\n>>> a = 1\n>>> a\n1\n```\n\nAfter."
+
+
+def test_every_long_page_is_in_sections():
+    """A page over 60 lines reads as a guide: at least three ``##`` sections, none over 60 lines."""
+    for page in sorted(DOCS.glob("*.md")):
+        lines = page.read_text(encoding="utf-8").splitlines()
+        if len(lines) <= 60:
+            continue
+        heads = [i for i, line in enumerate(lines) if re.match(r"#{1,4} ", line)]
+        assert sum(lines[i].startswith("## ") for i in heads) >= 3, page.name
+        bounds = heads + [len(lines)]
+        assert max(b - a for a, b in zip(bounds, bounds[1:])) <= 60, page.name
+
+
+def test_every_public_name_is_documented_and_nothing_private_is_listed():
+    """The API reference: each public name (of seedreg and seedreg.magic) and each public method
+    or property of a public class has a docstring; constants too (read as mkdocstrings reads
+    them); no private name, no ``__all__`` and no private value is generated into the page."""
+    import inspect
+
+    import griffe
+
+    import seedreg.magic as magic
+
+    missing = []
+    for module, names in ((seedreg, seedreg.__all__), (magic, magic.__all__)):
+        for name in names:
+            if name == "__version__":
+                continue
+            obj = getattr(module, name)
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                members = [(name, obj)] + [
+                    (f"{name}.{m}", getattr(v, "__func__", v)) for m, v in vars(obj).items() if not m.startswith("_")
+                    and (inspect.isfunction(getattr(v, "__func__", v)) or isinstance(v, property))
+                ] if inspect.isclass(obj) else [(name, obj)]
+                missing += [f"{module.__name__}.{n}" for n, o in members if not (inspect.getdoc(o) or "").strip()]
+    for path in ("seedreg.derive.SCHEMES", "seedreg.magic.checkpoints.SCHEDULES"):
+        where, attribute = path.rsplit(".", 1)
+        if griffe.load(where, search_paths=[str(ROOT)])[attribute].docstring is None:
+            missing.append(path)
+    assert missing == []
+    api = _hooks()._api()
+    assert "__all__" not in api and "._" not in api
+    assert "show_attribute_values: false" in api.split("SCHEMES", 1)[1].split(":::", 1)[0]

@@ -73,3 +73,18 @@ def test_magic_scores_study_gathers_the_single_process_matrix_from_two_tasks(tmp
     assert "largest difference from one process's matrix: 0.0e+00" in out
     lds = [float(v) for v in re.findall(r"weight-0 retrains: (-?[\d.]+)", out)]
     assert len(lds) == 2 and min(lds) > 0.8, out
+
+
+@pytest.mark.parametrize("stop_at", [7, 6], ids=["mid-epoch", "epoch-end"])
+def test_the_resume_page_loop_resumes_exactly_with_its_trace(tmp_path, stop_at):
+    """docs/resume.md's loop: stopped (mid-epoch, or right after an epoch's last batch) and resumed
+    in a new process, it ends with the uninterrupted run's weights, manifest and trace bytes."""
+    script = ROOT / "examples/resume_loop.py"
+    full = run_python([script, "--out", tmp_path / "full"]).stdout
+    stopped = run_python([script, "--out", tmp_path / "part", "--stop-at", str(stop_at)]).stdout
+    assert f"stopped after step {stop_at}" in stopped
+    resumed = run_python([script, "--out", tmp_path / "part", "--resume"]).stdout
+    weights = [re.search(r"final weights: (\S+)", o).group(1) for o in (full, resumed)]
+    assert weights[0] == weights[1]
+    for name in ("manifest.json", "manifest.json.trace"):
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "part" / name).read_bytes(), name

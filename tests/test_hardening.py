@@ -26,23 +26,23 @@ from seedreg import (
 )
 from seedreg.demo import TinyCNN, ToyImages
 from seedreg.files import _temp_prefix
-from seedreg.manifest import _with_checksum, render
+from seedreg.manifest import with_checksum, render
 
 from .conftest import child_env, run_python
 
-S = SeedSession(1)
+S = SeedSession(1).setup()
 BAD_CALLS = [
     ("derive_seed(master=None)", lambda: derive_seed(None, "m")),
     ("derive_seed(master=2**40)", lambda: derive_seed(2**40, "m")),
     ("derive_seed(master=nan)", lambda: derive_seed(float("nan"), "m")),
     ("derive_seed(purpose=[])", lambda: derive_seed(1, [])),
     ("derive_seed(scheme=1)", lambda: derive_seed(1, "m", scheme=1)),
-    ("SeedSession(master='42')", lambda: SeedSession("42")),
-    ("SeedSession(master=1.5)", lambda: SeedSession(1.5)),
-    ("SeedSession(warn_only=None)", lambda: SeedSession(1, warn_only=None)),
-    ("SeedSession(world_size=0)", lambda: SeedSession(1, world_size=0)),
-    ("SeedSession(rank=-1)", lambda: SeedSession(1, rank=-1, world_size=2)),
-    ("SeedSession(rank=True)", lambda: SeedSession(1, rank=True, world_size=2)),
+    ("SeedSession(master='42')", lambda: SeedSession("42").setup()),
+    ("SeedSession(master=1.5)", lambda: SeedSession(1.5).setup()),
+    ("SeedSession(warn_only=None)", lambda: SeedSession(1, warn_only=None).setup()),
+    ("SeedSession(world_size=0)", lambda: SeedSession(1, world_size=0).setup()),
+    ("SeedSession(rank=-1)", lambda: SeedSession(1, rank=-1, world_size=2).setup()),
+    ("SeedSession(rank=True)", lambda: SeedSession(1, rank=True, world_size=2).setup()),
     ("seed(purpose='')", lambda: S.seed("")),
     ("seed(purpose=None)", lambda: S.seed(None)),
     ("seed(instance_id=1.0)", lambda: S.seed("m", 1.0)),
@@ -67,9 +67,9 @@ BAD_CALLS = [
     ("DeterministicSampler.set_epoch(-1)", lambda: DeterministicSampler(3).set_epoch(-1)),
     ("Manifest.from_dict([])", lambda: Manifest.from_dict([])),
     ("Manifest.from_json('')", lambda: Manifest.from_json("")),
-    ("load_state_dict(None)", lambda: SeedSession(1).load_state_dict(None)),
+    ("load_state_dict(None)", lambda: SeedSession(1).setup().load_state_dict(None)),
     ("fingerprint(3)", lambda: fingerprint(3)),
-    ("from_manifest(strict='yes')", lambda: SeedSession.from_manifest(SeedSession(1).manifest(), strict="yes")),
+    ("from_manifest(strict='yes')", lambda: SeedSession.from_manifest(SeedSession(1).setup().manifest(), strict="yes")),
 ]
 
 
@@ -90,7 +90,7 @@ COUNT = {"manifest_bytes": 0, "manifest_dicts": 0, "states": 0}
 
 
 def _valid_manifest() -> Manifest:
-    s = SeedSession(42)
+    s = SeedSession(42).setup()
     s.setup()
     s.build_model(TinyCNN, "training")
     s.build_dataloader(ToyImages(8), "training", batch_size=2)
@@ -128,15 +128,15 @@ def _damage(draw, how):
         return data[:i] + draw(st.binary(min_size=1, max_size=20)) + data[i:]
     if how == "deep":  # with a valid checksum, so the parser and validator see it
         depth = draw(st.integers(10, 200_000))
-        return _with_checksum("{\n" + '  "x": ' + "[" * depth + "]" * depth + "\n}\n").encode()
+        return with_checksum("{\n" + '  "x": ' + "[" * depth + "]" * depth + "\n}\n").encode()
     if how == "huge":
         digits = "9" * draw(st.integers(10, 20_000))
-        return _with_checksum(VALID_TEXT.split("\n", 2)[2].join(["{\n", ""]).replace('"master_seed": 42', f'"master_seed": {digits}')).encode()
+        return with_checksum(VALID_TEXT.split("\n", 2)[2].join(["{\n", ""]).replace('"master_seed": 42', f'"master_seed": {digits}')).encode()
     if how == "resealed":  # any byte-level damage, then a correct checksum: validation must catch it
         i = draw(st.integers(2, len(data) - 1))
         body = data[:i] + draw(st.binary(min_size=1, max_size=8)) + data[i + 1 :]
         try:
-            return _with_checksum("{\n" + body.decode("utf-8").split("\n", 2)[2]).encode()
+            return with_checksum("{\n" + body.decode("utf-8").split("\n", 2)[2]).encode()
         except (UnicodeDecodeError, IndexError):
             return body
     return draw(st.binary(max_size=200))
@@ -191,7 +191,7 @@ class TestFuzzManifest:
         data = mutate(copy.deepcopy(VALID_DICT), path, how, value)
         if fix_checksum:
             data.pop("checksum", None)
-            text = _with_checksum(render(data))
+            text = with_checksum(render(data))
             try:
                 Manifest.from_json(text)
             except ManifestError:
@@ -205,7 +205,7 @@ class TestFuzzManifest:
 
 
 def _state():
-    s = SeedSession(3)
+    s = SeedSession(3).setup()
     s.seed("a", 1)
     loader = s.build_dataloader(ToyImages(12), "d", batch_size=4, shuffle=True)
     next(iter(loader))
@@ -222,7 +222,7 @@ class TestFuzzState:
     def test_damaged_states_only_raise_state_errors(self, path, how, value):
         COUNT["states"] += 1
         state = mutate(copy.deepcopy(VALID_STATE), path, how, value)
-        s = SeedSession(3)
+        s = SeedSession(3).setup()
         loader = s.build_dataloader(ToyImages(12), "d", batch_size=4, shuffle=True)
         before = loader.state_dict()
         try:
@@ -240,7 +240,7 @@ def test_fuzz_counts():
 
 
 def test_dump_while_other_threads_request_seeds(tmp_path):
-    s = SeedSession(9, scheme="sha256-v2")
+    s = SeedSession(9, scheme="sha256-v2").setup()
     stop = threading.Event()
 
     def requester(t):
@@ -303,14 +303,14 @@ def test_sigkill_during_repeated_dumps_leaves_a_whole_manifest(tmp_path):
         for p in leftovers:
             assert p.startswith(_temp_prefix(path)) and p.endswith(".tmp")
     assert kills == 6
-    SeedSession(1).dump(path)
+    SeedSession(1).setup().dump(path)
     assert os.listdir(tmp_path) == ["m.json"]
 
 
 def test_unwritable_target_gives_a_clear_error_and_keeps_the_old_file(tmp_path, monkeypatch):
     from seedreg import ManifestWriteError
 
-    s = SeedSession(1)
+    s = SeedSession(1).setup()
     p = s.dump(tmp_path / "m.json")
     before = p.read_bytes()
     real_replace = os.replace
@@ -340,7 +340,7 @@ class Crashing(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_worker_crash_surfaces_and_state_stays_sound(workers):
-    s = SeedSession(2)
+    s = SeedSession(2).setup()
     loader = s.build_dataloader(Crashing(), "d", batch_size=2, shuffle=False, num_workers=workers)
     got = []
     with pytest.raises(KeyError, match="example 11 is broken"):
@@ -350,7 +350,7 @@ def test_worker_crash_surfaces_and_state_stays_sound(workers):
     state = s.state_dict()
     assert state["loaders"][0]["sampler"]["position"] == 10
     json.dumps(state)
-    s2 = SeedSession(2)
+    s2 = SeedSession(2).setup()
     loader2 = s2.build_dataloader(Crashing(), "d", batch_size=2, num_workers=workers)
     s2.load_state_dict(state)
     assert loader2.sampler.position == 10
@@ -385,7 +385,7 @@ class TestDiagnostics:
         assert proc.returncode != 0 and "my_nondeterministic_op" in proc.stderr and "ran" not in proc.stdout
 
     def test_env_recorded_and_env_command_warns(self):
-        env = SeedSession(1).manifest().environment
+        env = SeedSession(1).setup().manifest().environment
         for key in ("cublas_workspace_config", "cudnn_allow_tf32", "cuda_matmul_allow_tf32", "float32_matmul_precision", "autocast_cpu", "compiled_graphs"):
             assert key in env
         code = "import torch; torch.set_float32_matmul_precision('medium'); from seedreg.cli import main; main(['env'])"
@@ -422,7 +422,7 @@ def test_a_streaming_state_of_any_size_resumes():
     """4 workers with 300 KB dataset states: the 1.2 MB state that state_dict() returns resumes
     (it was accepted by load_state_dict, then the first batch failed: the resume plan's 1 MiB)."""
     def loader():
-        return SeedSession(2).build_dataloader(_Heavy(), "s", batch_size=2, num_workers=4)
+        return SeedSession(2).setup().build_dataloader(_Heavy(), "s", batch_size=2, num_workers=4)
 
     whole = [b.tolist() for b in loader()]
     first = loader()
@@ -448,7 +448,7 @@ def test_crafted_streaming_worker_states_are_refused(change, message):
     from tests.test_streaming import Generated
 
     def loader():
-        return SeedSession(2).build_dataloader(Generated(40), "g", batch_size=2, num_workers=2)
+        return SeedSession(2).setup().build_dataloader(Generated(40), "g", batch_size=2, num_workers=2)
 
     first = loader()
     it = iter(first)
@@ -464,7 +464,7 @@ def test_crafted_streaming_worker_states_are_refused(change, message):
 def test_state_dict_while_another_thread_builds_loaders():
     """One thread builds and drops loaders (up to 200 alive) while another takes state_dict():
     it raised 'dictionary changed size during iteration'."""
-    session = SeedSession(4)
+    session = SeedSession(4).setup()
     done = threading.Event()
     errors = []
 
@@ -483,7 +483,7 @@ def test_state_dict_while_another_thread_builds_loaders():
     try:
         while not done.is_set():
             try:
-                session._live_loaders()
+                session.live_loaders()
                 session.state_dict()
             except RuntimeError as exc:
                 errors.append(exc)
@@ -495,10 +495,10 @@ def test_state_dict_while_another_thread_builds_loaders():
 
 
 def test_a_loaded_state_is_not_shared_with_the_caller():
-    session = SeedSession(4)
+    session = SeedSession(4).setup()
     session.build_dataloader(list(range(8)), "l", batch_size=2)
     state = session.state_dict()
-    other = SeedSession(4)
+    other = SeedSession(4).setup()
     other.build_dataloader(list(range(8)), "l", batch_size=2)
     other.load_state_dict(state)
     state["rng"]["python"]["state"] = "changed by the caller"
@@ -511,7 +511,7 @@ def test_a_loaded_state_is_not_shared_with_the_caller():
 def test_a_cuda_key_that_is_a_digit_but_not_an_int_is_a_state_error():
     from seedreg import StateError
 
-    session = SeedSession(4)
+    session = SeedSession(4).setup()
     state = session.state_dict()
     state["rng"]["cuda"] = {"\u00b2": "AAAA"}  # superscript two: str.isdigit() says yes, int() says no
     with pytest.raises(StateError, match="device indices"):
@@ -521,11 +521,11 @@ def test_a_cuda_key_that_is_a_digit_but_not_an_int_is_a_state_error():
 def _resealed(manifest_text: str, edit) -> str:
     lines = manifest_text.split("\n")
     body = "\n".join(lines[:1] + lines[2:])  # without the checksum line
-    return _with_checksum(edit(body))
+    return with_checksum(edit(body))
 
 
 def test_a_sealed_manifest_with_a_malformed_replay_section_is_refused(tmp_path):
-    text = SeedSession(1).manifest().to_json()
+    text = SeedSession(1).setup().manifest().to_json()
     bad = _resealed(text, lambda body: body.replace('"replay": null', '"replay": {"verdict": 5, "results": {}, "reasons": []}'))
     (tmp_path / "m.json").write_text(bad)
     with pytest.raises(ManifestError, match=r"manifest\['replay'\]\['verdict'\]"):
@@ -538,7 +538,7 @@ def test_a_sealed_manifest_with_a_malformed_replay_section_is_refused(tmp_path):
 def test_a_manifest_of_tiny_values_on_one_line_is_refused_in_bounded_memory(tmp_path):
     """A sealed manifest whose records are one line of 10 million empty lists (30 MB): refused
     before parsing, so the reader's memory grows by a small multiple of the file, not ~24x."""
-    text = SeedSession(1).manifest().to_json()
+    text = SeedSession(1).setup().manifest().to_json()
     bomb = "[" + ",".join(["[]"] * 10_000_000) + "]"
     sealed = _resealed(text, lambda body: body.replace('"records": []', '"records": ' + bomb))
     path = tmp_path / "bomb.json"

@@ -125,9 +125,9 @@ def test_a_nul_byte_in_the_trace_file_name_is_a_manifest_error(tmp_path: pathlib
     data = json.loads(path.read_text())
     data.pop("checksum")
     data["trace"]["file"] = "run.json\0.trace"
-    from seedreg.manifest import _with_checksum, render
+    from seedreg.manifest import with_checksum, render
 
-    path.write_text(_with_checksum(render(data)))
+    path.write_text(with_checksum(render(data)))
     with pytest.raises(ManifestError, match="must be a file name beside the manifest"):
         SeedSession.from_manifest(path)
     assert cli(["show", str(path)]) == 2

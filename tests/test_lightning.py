@@ -125,7 +125,7 @@ def _trainer(world_size=1, rank=0, distributed_sampler=True):
 
 
 def test_refuses_lightnings_distributed_sampler_and_a_foreign_rank():
-    callback = SeedregCallback(SeedSession(1, rank=0, world_size=2))
+    callback = SeedregCallback(SeedSession(1, rank=0, world_size=2).setup())
     with pytest.raises(SeedregError, match="use_distributed_sampler=False"):
         callback.setup(_trainer(world_size=2), None, "fit")
     callback.setup(_trainer(world_size=2, distributed_sampler=False), None, "fit")
@@ -134,7 +134,7 @@ def test_refuses_lightnings_distributed_sampler_and_a_foreign_rank():
 
 
 def test_refuses_deterministic_mode_switched_off():
-    callback = SeedregCallback(SeedSession(1))
+    callback = SeedregCallback(SeedSession(1).setup())
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         torch.use_deterministic_algorithms(False)
@@ -146,11 +146,11 @@ def test_refuses_deterministic_mode_switched_off():
 
 def test_refuses_a_checkpoint_without_seedreg_state():
     with pytest.raises(SeedregError, match="holds no seedreg state"):
-        SeedregCallback(SeedSession(1)).on_load_checkpoint(None, None, {"state_dict": {}})
+        SeedregCallback(SeedSession(1).setup()).on_load_checkpoint(None, None, {"state_dict": {}})
 
 
 def test_refuses_a_streaming_training_loader():
-    session = SeedSession(1)
+    session = SeedSession(1).setup()
     stream = session.build_dataloader(_Stream(), "s", batch_size=2)
     trainer = types.SimpleNamespace(fit_loop=types.SimpleNamespace(_combined_loader=types.SimpleNamespace(flattened=[stream])))
     with pytest.raises(SeedregError, match="streaming"):
@@ -164,7 +164,7 @@ def test_predict_takes_a_session_loader_and_notes_its_batch_indices():
 
     from seedreg.demo import TinyCNN, ToyImages
 
-    session = SeedSession(1)
+    session = SeedSession(1).setup()
     callback = SeedregCallback(session, manifest=None)
     net = session.build_model(TinyCNN, "net").eval()
 
@@ -187,8 +187,9 @@ def test_predict_takes_a_session_loader_and_notes_its_batch_indices():
 
     trainer = pl.Trainer(accelerator="cpu", callbacks=[callback, Indices("batch")], logger=False, enable_progress_bar=False,
                          enable_model_summary=False)
-    predictions = trainer.predict(Predict())
-    twin = SeedSession(1).build_dataloader(ToyImages(20), "p", batch_size=8, shuffle=True, with_indices=True)
+    with pytest.warns(UserWarning, match="sampler has shuffling enabled"):  # Lightning's advice, for a shuffling loader
+        predictions = trainer.predict(Predict())
+    twin = SeedSession(1).setup().build_dataloader(ToyImages(20), "p", batch_size=8, shuffle=True, with_indices=True)
     expected = [(indices.tolist(), net(x)) for indices, (x, _) in twin]
     assert [p.shape[0] for p in predictions] == [8, 8, 4]
     assert all(torch.equal(p, e) for p, (_, e) in zip(predictions, expected))
@@ -262,7 +263,7 @@ _FIT = types.SimpleNamespace(state=types.SimpleNamespace(fn="fit"))
 def test_a_crafted_checkpoint_state_is_refused_naming_the_field(change, field):
     from seedreg import StateError
 
-    session = SeedSession(1)
+    session = SeedSession(1).setup()
     callback = SeedregCallback(session)
     with pytest.raises(StateError) as info:
         callback.on_load_checkpoint(_FIT, None, _checkpoint(session, **change))
@@ -273,7 +274,7 @@ def test_a_crafted_checkpoint_state_is_refused_naming_the_field(change, field):
 def test_a_checkpoint_state_without_its_session_is_refused():
     from seedreg import StateError
 
-    session = SeedSession(1)
+    session = SeedSession(1).setup()
     checkpoint = _checkpoint(session)
     del checkpoint["seedreg"]["ranks"][0]["session"]
     with pytest.raises(StateError, match="missing 'session'"):
@@ -283,7 +284,7 @@ def test_a_checkpoint_state_without_its_session_is_refused():
 def test_final_weights_in_a_checkpoint_are_never_adopted():
     """The final weights are recorded where the resumed run ends; a forged (or stale) entry in the
     checkpoint is not taken over, the other results are."""
-    session = SeedSession(1)
+    session = SeedSession(1).setup()
     callback = SeedregCallback(session)
     forged = [{"name": "initial_weights", "kind": "state_dict", "value": "sha256:" + "1" * 64},
               {"name": "final_weights", "kind": "state_dict", "value": "sha256:" + "0" * 64}]
@@ -293,11 +294,11 @@ def test_final_weights_in_a_checkpoint_are_never_adopted():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="`trace_every` must be None"):
-        SeedregCallback(SeedSession(0), trace_every=0)
+        SeedregCallback(SeedSession(0).setup(), trace_every=0)
     with pytest.raises(TypeError, match="seedreg.SeedSession"):
         SeedregCallback(object())
     with pytest.raises(ValueError, match="file name"):
-        SeedregCallback(SeedSession(1), manifest="logs/m.json")
+        SeedregCallback(SeedSession(1).setup(), manifest="logs/m.json")
 
 
 class _Stream(torch.utils.data.IterableDataset):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
-from seedreg import DeterministicSampler, SeedregError, SeedSession
+from seedreg import DeterministicSampler, SeedregError, SeedregWarning, SeedSession
 from seedreg.demo import TinyCNN, ToyImages
 
 
@@ -26,7 +26,7 @@ class Seeds(torch.utils.data.Dataset):
 class TestInstalledSeeds:
     @pytest.mark.parametrize("per_example,workers", [(True, 0), (True, 2), (False, 2)])
     def test_below_2_63_so_default_collation_takes_them(self, per_example, workers):
-        loader = SeedSession(5).build_dataloader(Seeds(), "d", batch_size=8, seed_per_example=per_example, num_workers=workers)
+        loader = SeedSession(5).setup().build_dataloader(Seeds(), "d", batch_size=8, seed_per_example=per_example, num_workers=workers)
         seeds = torch.cat([b[0] for b in loader])  # collating a seed >= 2**63 overflowed before
         assert seeds.numel() == 16 and bool((seeds >= 0).all())
 
@@ -34,7 +34,7 @@ class TestInstalledSeeds:
         """seed_per_example=False: worker w of rank r has its own stream (8 distinct of 8 pairs)."""
         streams = set()
         for rank in range(4):
-            loader = SeedSession(5, rank=rank, world_size=4).build_dataloader(Seeds(), "d", batch_size=2, seed_per_example=False)
+            loader = SeedSession(5, rank=rank, world_size=4).setup().build_dataloader(Seeds(), "d", batch_size=2, seed_per_example=False)
             init = loader.worker_init_fn
             streams |= {init.worker_seed(w) for w in range(2)}
         assert len(streams) == 8 and max(streams) < 2**63
@@ -53,7 +53,7 @@ def _open_handle(worker_id):
 
 
 def test_worker_info_dataset_is_the_users():
-    loader = SeedSession(1).build_dataloader(Handles(), "d", batch_size=2, num_workers=2, worker_init_fn=_open_handle)
+    loader = SeedSession(1).setup().build_dataloader(Handles(), "d", batch_size=2, num_workers=2, worker_init_fn=_open_handle)
     values = sorted(torch.cat(list(loader)).tolist())
     assert values == [100, 100, 101, 101]  # the user's dataset saw the handle its worker_init_fn set
 
@@ -61,7 +61,7 @@ def test_worker_info_dataset_is_the_users():
 def test_dropping_a_persistent_loader_ends_its_workers_promptly():
     gc.disable()
     try:
-        loader = SeedSession(1).build_dataloader(ToyImages(16), "d", batch_size=8, num_workers=2, persistent_workers=True)
+        loader = SeedSession(1).setup().build_dataloader(ToyImages(16), "d", batch_size=8, num_workers=2, persistent_workers=True)
         for _ in loader:
             pass
         workers = list(loader._iterator._workers)
@@ -77,7 +77,7 @@ def test_dropping_a_persistent_loader_ends_its_workers_promptly():
 
 def test_in_order_false_is_refused():
     with pytest.raises(ValueError, match="in_order=False"):
-        SeedSession(1).build_dataloader(ToyImages(8), "d", batch_size=2, num_workers=2, in_order=False)
+        SeedSession(1).setup().build_dataloader(ToyImages(8), "d", batch_size=2, num_workers=2, in_order=False)
 
 
 def test_sampler_alone_tracks_its_position():
@@ -95,7 +95,7 @@ def test_sampler_alone_tracks_its_position():
 
 class TestThreads:
     def test_a_second_thread_in_a_builder_is_refused(self):
-        s = SeedSession(1)
+        s = SeedSession(1).setup()
         inside, release, errors = threading.Event(), threading.Event(), []
 
         def slow_factory():
@@ -121,7 +121,7 @@ class TestThreads:
         assert torch.equal(torch.get_rng_state(), before)
 
     def test_concurrent_builds_never_give_different_weights(self):
-        s = SeedSession(1)
+        s = SeedSession(1).setup()
         weights, refused = [], []
 
         def work():
@@ -132,7 +132,9 @@ class TestThreads:
                     refused.append(1)
 
         threads = [threading.Thread(target=work) for _ in range(4)]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
+        with pytest.warns(SeedregWarning, match="same initial weights") as told:  # one key, built 40 times: told once
+            [t.start() for t in threads]
+            [t.join() for t in threads]
+        assert len(told) == 1
         assert weights and all(torch.equal(w, weights[0]) for w in weights)
         assert len(weights) + len(refused) == 40

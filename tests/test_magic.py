@@ -16,7 +16,7 @@ from .conftest import ROOT, run_python
 
 class TestBatchesByStep:
     def test_batch_at_equals_iteration_for_3_epochs_with_workers_and_augmentation(self):
-        s = SeedSession(4)
+        s = SeedSession(4).setup()
         loader = s.build_dataloader(ToyImages(36), "d", batch_size=8, shuffle=True, num_workers=2, with_indices=True)
         seen = []
         for epoch in range(3):
@@ -32,7 +32,7 @@ class TestBatchesByStep:
 
     def test_indices_are_the_dataset_indices(self):
         data = torch.arange(20.0)[:, None]
-        loader = SeedSession(1).build_dataloader(data, "d", batch_size=6, shuffle=True, with_indices=True)
+        loader = SeedSession(1).setup().build_dataloader(data, "d", batch_size=6, shuffle=True, with_indices=True)
         for indices, batch in loader:
             assert indices.dtype == torch.long and torch.equal(batch[:, 0], indices.double().float())
 
@@ -40,17 +40,17 @@ class TestBatchesByStep:
         data = torch.arange(10.0)[:, None]
         mask = np.zeros(10, dtype=bool)
         mask[[1, 2, 3]] = True
-        s = SeedSession(1)
+        s = SeedSession(1).setup()
         _, w = next(iter(s.build_dataloader(data, "d", batch_size=10, subset=mask, subset_mode="weight")))
         assert w.dtype == torch.float32 and w.tolist() == [float(m) for m in mask]
         ew = torch.linspace(0, 1, 10, dtype=torch.float64, requires_grad=True)
-        indices, batch, weights = next(iter(s.build_dataloader(data, "d", batch_size=4, shuffle=True, with_indices=True, example_weights=ew)))
+        indices, batch, weights = next(iter(s.build_dataloader(data, "d2", batch_size=4, shuffle=True, with_indices=True, example_weights=ew)))
         assert torch.equal(weights, ew[indices].detach()) and weights.requires_grad
         (weights * batch[:, 0]).sum().backward()
         assert ew.grad[indices].tolist() == batch[:, 0].double().tolist()
 
     def test_bad_input(self):
-        s = SeedSession(1)
+        s = SeedSession(1).setup()
         data = torch.zeros(10, 2)
         with pytest.raises(ValueError, match=r"`example_weights`.*shape \(10,\)"):
             s.build_dataloader(data, example_weights=torch.ones(9))

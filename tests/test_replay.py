@@ -10,7 +10,7 @@ from .conftest import SCRIPTS, run_python, run_train
 
 
 def recorded(tmp_path, **kw):
-    s = SeedSession(42, **kw)
+    s = SeedSession(42, **kw).setup()
     s.seed("noise", 1)
     s.build_model(TinyCNN, "training")
     return s.dump(tmp_path / "m.json")
@@ -20,10 +20,10 @@ class TestReplaySession:
     def test_same_seeds_and_settings(self, tmp_path):
         r = SeedSession.from_manifest(recorded(tmp_path, warn_only=False, scheme="sha256-v2"))
         assert r.master_seed == 42 and r.scheme == "sha256-v2" and r.settings.warn_only is False
-        assert r.seed("noise", 1) == SeedSession(42, scheme="sha256-v2").seed("noise", 1)
+        assert r.seed("noise", 1) == SeedSession(42, scheme="sha256-v2").setup().seed("noise", 1)
 
     def test_strict_refuses_new_components(self, tmp_path):
-        r = SeedSession.from_manifest(recorded(tmp_path))
+        r = SeedSession.from_manifest(recorded(tmp_path)).setup()
         with pytest.raises(ReplayMismatchError, match="never issued"):
             r.seed("noise", 2)
 
@@ -43,7 +43,7 @@ class TestReplaySession:
                 m.head.bias.add_(1.0)  # a different init than the recorded one
             return m
 
-        r = SeedSession.from_manifest(recorded(tmp_path))
+        r = SeedSession.from_manifest(recorded(tmp_path)).setup()
         with pytest.raises(ReplayMismatchError, match="fingerprint"):
             r.build_model(unseeded, "training")
 
@@ -56,7 +56,7 @@ class TestReplaySession:
             r.seed("noise", 1)
 
     def test_report_verdict(self, tmp_path):
-        r = SeedSession.from_manifest(recorded(tmp_path))
+        r = SeedSession.from_manifest(recorded(tmp_path)).setup()
         r.seed("noise", 1)
         r.build_model(TinyCNN, "training")
         report = r.replay_report()
@@ -64,11 +64,11 @@ class TestReplaySession:
         d = Manifest.load(tmp_path / "m.json").to_dict()
         d.pop("checksum")
         d["environment"]["torch"] = "1.0.0"
-        report = SeedSession.from_manifest(Manifest.from_dict(d)).replay_report()
+        report = SeedSession.from_manifest(Manifest.from_dict(d)).setup().replay_report()
         assert report["verdict"] == "statistical" and "torch" in report["reasons"][0]
 
     def test_report_goes_into_the_replayed_manifest(self, tmp_path):
-        r = SeedSession.from_manifest(recorded(tmp_path))
+        r = SeedSession.from_manifest(recorded(tmp_path)).setup()
         r.seed("noise", 1)
         m = Manifest.load(r.dump(tmp_path / "replayed.json"))
         assert m.replay["verdict"] == "bitwise" and m.replay["missing"] == [{"purpose": "model", "instance_id": "training"}]

@@ -54,7 +54,7 @@ def test_num_workers_does_not_change_results(tmp_path):
 
 class TestStateDict:
     def build(self, seed=5, **kw):
-        s = SeedSession(seed, **kw)
+        s = SeedSession(seed, **kw).setup()
         s.seed("a", 1)
         loader = s.build_dataloader(ToyImages(20), "train", batch_size=4, shuffle=True)
         return s, loader
@@ -82,11 +82,11 @@ class TestStateDict:
         assert torch.equal(torch.rand(3), expected)
 
     def test_without_loaders_restores_at_once(self):
-        s = SeedSession(1)
+        s = SeedSession(1).setup()
         torch.manual_seed(4)
         state = s.state_dict()
         expected = torch.rand(2)
-        SeedSession(1).load_state_dict(state)
+        SeedSession(1).setup().load_state_dict(state)
         assert torch.equal(torch.rand(2), expected)
 
     @pytest.mark.parametrize(
@@ -122,4 +122,4 @@ class TestStateDict:
     def test_garbage(self):
         for garbage in (None, [], "x", {"format": "seedreg-state"}):
             with pytest.raises(StateError):
-                SeedSession(1).load_state_dict(garbage)
+                SeedSession(1).setup().load_state_dict(garbage)

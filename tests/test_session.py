@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from seedreg import DeterministicSampler, SeededDataLoader, SeedSession, derive_seed
+from seedreg import DeterministicSampler, SeededDataLoader, SeedregWarning, SeedSession, derive_seed
 from seedreg.demo import TinyCNN, ToyImages
 
 from .conftest import run_python
@@ -30,7 +30,8 @@ class TestConstruction:
         before = global_snapshot()
         s = SeedSession(42, scheme="sha256-v2")
         s.seed("x"); s.generator("g"); s.numpy_rng("n")
-        s.build_model(TinyCNN); s.build_dataloader(ToyImages(8), shuffle=True)
+        with pytest.warns(SeedregWarning, match="before setup"):  # told once, at the first builder
+            s.build_model(TinyCNN); s.build_dataloader(ToyImages(8), shuffle=True)
         s.manifest()
         assert global_snapshot() == before
 
@@ -129,24 +130,25 @@ class TestSeeds:
 
 class TestBuilders:
     def test_build_model_ignores_prior_draws_and_leaves_rng_alone(self):
-        s = SeedSession(11)
+        s = SeedSession(11).setup()
         a = s.build_model(TinyCNN, "m")
         torch.rand(100); random.random(); np.random.rand(7)
+        t = SeedSession(11).setup()
         before = global_snapshot()
-        b = SeedSession(11).build_model(TinyCNN, "m")
+        b = t.build_model(TinyCNN, "m")
         assert global_snapshot() == before
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-        c = SeedSession(11).build_model(TinyCNN, "other")
+        c = SeedSession(11).setup().build_model(TinyCNN, "other")
         assert not torch.equal(a.conv1.weight, c.conv1.weight)
 
     def test_build_model_records_fingerprint(self):
-        s = SeedSession(11)
+        s = SeedSession(11).setup()
         s.build_model(TinyCNN, "m", width=8)
         (r,) = s.records
         assert r.kind == "model" and r.details["class"].endswith("TinyCNN") and r.details["fingerprint"].startswith("sha256:")
 
     def test_build_optimizer(self):
-        s = SeedSession(1)
+        s = SeedSession(1).setup()
         m = s.build_model(torch.nn.Linear, None, in_features=2, out_features=2)
         opt = s.build_optimizer(torch.optim.Adam, m.parameters(), None, lr=0.1, betas=(0.8, 0.9))
         assert isinstance(opt, torch.optim.Adam)
@@ -154,7 +156,7 @@ class TestBuilders:
         assert record.details["defaults"]["betas"] == [0.8, 0.9]
 
     def test_build_dataloader(self):
-        s = SeedSession(1)
+        s = SeedSession(1).setup()
         loader = s.build_dataloader(ToyImages(20), "train", batch_size=4, shuffle=True)
         assert isinstance(loader, SeededDataLoader) and isinstance(loader.sampler, DeterministicSampler)
         assert loader.sampler.seed == s.seed("dataloader", "train") == loader.seed
@@ -165,7 +167,7 @@ class TestBuilders:
     @pytest.mark.parametrize("name", ["sampler", "batch_sampler", "generator"])
     def test_build_dataloader_refuses_what_it_supplies(self, name):
         with pytest.raises(TypeError, match=f"`{name}`"):
-            SeedSession(1).build_dataloader(ToyImages(4), **{name: None})
+            SeedSession(1).setup().build_dataloader(ToyImages(4), **{name: None})
 
     @pytest.mark.parametrize(
         "kwargs,exc",
@@ -173,14 +175,14 @@ class TestBuilders:
     )
     def test_build_dataloader_bad_args(self, kwargs, exc):
         with pytest.raises(exc):
-            SeedSession(1).build_dataloader(ToyImages(4), **kwargs)
+            SeedSession(1).setup().build_dataloader(ToyImages(4), **kwargs)
 
     def test_non_datasets_and_empty_datasets_refused(self):
         with pytest.raises(TypeError, match="map-style dataset .* or a torch IterableDataset"):
-            SeedSession(1).build_dataloader(3)
+            SeedSession(1).setup().build_dataloader(3)
         with pytest.raises(ValueError, match="empty"):
-            SeedSession(1).build_dataloader([])
+            SeedSession(1).setup().build_dataloader([])
 
     def test_loader_dataset_forwards_attributes(self):
-        loader = SeedSession(1).build_dataloader(ToyImages(4))
+        loader = SeedSession(1).setup().build_dataloader(ToyImages(4))
         assert loader.dataset.augment is True and len(loader.dataset) == 4

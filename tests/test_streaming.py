@@ -72,12 +72,12 @@ def _loader(session, dataset, workers, persistent):
 def _run(dataset_cls, workers, persistent, interrupt, twice=False):
     """Uninterrupted two epochs, and the same cut at `interrupt` batches of epoch 0 then resumed."""
     whole = []
-    s = SeedSession(5)
+    s = SeedSession(5).setup()
     loader = _loader(s, dataset_cls(), workers, persistent)
     for epoch in range(2):
         loader.set_epoch(epoch)
         whole += [b.clone() for b in loader]
-    s = SeedSession(5)
+    s = SeedSession(5).setup()
     loader = _loader(s, dataset_cls(), workers, persistent)
     got = []
     it = iter(loader)
@@ -88,7 +88,7 @@ def _run(dataset_cls, workers, persistent, interrupt, twice=False):
         got.append(next(it).clone())
         state = json.loads(json.dumps(s.state_dict()))
     del it, loader
-    fresh = SeedSession(5)
+    fresh = SeedSession(5).setup()
     loader = _loader(fresh, dataset_cls(), workers, persistent)
     fresh.load_state_dict(state)
     got += [b.clone() for b in loader]  # the rest of epoch 0
@@ -114,7 +114,7 @@ def test_state_saved_twice(dataset_cls):
 
 @pytest.mark.parametrize("workers", [0, 3])
 def test_every_item_once_per_epoch_and_epochs_differ(workers):
-    s = SeedSession(2)
+    s = SeedSession(2).setup()
     loader = _loader(s, Generated(), workers, False)
     epochs = []
     for epoch in range(2):
@@ -123,17 +123,17 @@ def test_every_item_once_per_epoch_and_epochs_differ(workers):
     for items in epochs:
         assert sorted(items[:, 0].tolist()) == list(range(37))
     assert not torch.equal(epochs[0][:, 1], epochs[1][:, 1])  # each epoch draws anew
-    a = torch.cat(list(_loader(SeedSession(2), Generated(), workers, False)))
+    a = torch.cat(list(_loader(SeedSession(2).setup(), Generated(), workers, False)))
     assert torch.equal(a, epochs[0])  # and the same again in a new session
 
 
 def test_ranks_split_the_stream_without_workers():
-    items = [torch.cat(list(SeedSession(2, rank=r, world_size=2).build_dataloader(Generated(), "s", batch_size=4)))[:, 0].tolist() for r in (0, 1)]
+    items = [torch.cat(list(SeedSession(2, rank=r, world_size=2).setup().build_dataloader(Generated(), "s", batch_size=4)))[:, 0].tolist() for r in (0, 1)]
     assert sorted(items[0] + items[1]) == list(range(37)) and not set(items[0]) & set(items[1])
 
 
 def test_manifest_records_kind_split_and_resume_mode(tmp_path):
-    s = SeedSession(2)
+    s = SeedSession(2).setup()
     s.build_dataloader(Counter(), "a", batch_size=4, num_workers=2)
     s.build_dataloader(Generated(), "b", batch_size=4)
     m = Manifest.load(s.dump(tmp_path / "m.json"))
@@ -148,7 +148,7 @@ class Unserialisable(Counter):
 
 
 def test_bad_input():
-    s = SeedSession(2)
+    s = SeedSession(2).setup()
     with pytest.raises(ValueError, match="`shuffle=True` needs a map-style dataset"):
         s.build_dataloader(Generated(), shuffle=True)
     with pytest.raises(ValueError, match="`subset` needs a map-style dataset"):
@@ -157,9 +157,9 @@ def test_bad_input():
     next(iter(loader))
     with pytest.raises(StateError, match="worker 0's dataset is not JSON-native"):
         s.state_dict()
-    state = _loader(SeedSession(3), Generated(), 3, False).state_dict()
+    state = _loader(SeedSession(3).setup(), Generated(), 3, False).state_dict()
     with pytest.raises(StateError, match="num_workers=3.*resume with the same number"):
-        _loader(SeedSession(3), Generated(), 2, False).load_state_dict(state)
+        _loader(SeedSession(3).setup(), Generated(), 2, False).load_state_dict(state)
 
 
 class Curriculum(torch.utils.data.Dataset):
@@ -182,14 +182,14 @@ class Curriculum(torch.utils.data.Dataset):
 
 
 def test_map_style_dataset_state_is_saved_and_restored():
-    s = SeedSession(1)
+    s = SeedSession(1).setup()
     ds = Curriculum()
     loader = s.build_dataloader(ds, "c", batch_size=2)
     next(iter(loader))
     ds.level = 3
     state = s.state_dict()
     fresh_ds = Curriculum()
-    fresh = SeedSession(1)
+    fresh = SeedSession(1).setup()
     held = fresh.build_dataloader(fresh_ds, "c", batch_size=2)
     fresh.load_state_dict(state)
     assert fresh_ds.level == 3 and held.sampler.position == 2

@@ -220,7 +220,7 @@ class TestAcrossProcesses:
             f"s = Study(sys.argv[1], **{DEF!r})\n"
             "orig = st.StudyRun.save\n"
             "def slow(self, out):\n"
-            "    self.study._write_row('outputs.npy', self.model_id, np.ones(3, np.float32).tobytes())\n"
+            "    self.study._rows.write('outputs.npy', self.model_id, np.ones(3, np.float32).tobytes())\n"
             "    print('half', flush=True); time.sleep(60)\n"
             "with s.run(2) as run: slow(run, None)\n"
         )

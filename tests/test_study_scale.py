@@ -202,7 +202,7 @@ class TestOneParser:
 
 
 class TestAuditRefuses:
-    def test_a_nondeterministic_op_fails_the_audit(self, tmp_path):
+    def test_a_nondeterministic_op_fails_the_audit(self, tmp_path, recwarn):
         from torch._prims_common import alert_not_deterministic
 
         study = Study(tmp_path / "s", **DEF)
@@ -210,6 +210,8 @@ class TestAuditRefuses:
         with study.run(5) as run:
             alert_not_deterministic("my_nondeterministic_op")
             run.save(np.zeros(3))
+        # torch's warning was shown (recorded here, since the session's hook reads what is shown)
+        assert [str(w.message).split(" ")[0] for w in recwarn.list] == ["my_nondeterministic_op"]
         problems = study.audit()["problems"]
         assert len(problems) == 1 and "model 5" in problems[0] and "my_nondeterministic_op" in problems[0]
 

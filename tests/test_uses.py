@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seedreg import Manifest, ReplayMismatchError, SeedregError, SeedSession, StateError, StepCheckpoints
+from seedreg import Manifest, ReplayMismatchError, SeedregError, SeedregWarning, SeedSession, StateError, StepCheckpoints
 from seedreg.cli import main as cli_main
 from seedreg.demo import TinyCNN, ToyImages, train_toy
 
@@ -35,7 +35,7 @@ def _loss_step(model, optimizer):
 class TestUses:
     def test_each_loader_under_one_key_is_its_own_use(self):
         """Three masked loaders under ("dataloader", "training"): three uses, each with its subset."""
-        s = SeedSession(1)
+        s = SeedSession(1).setup()
         masks = [s.subset_mask(40, 0.5, i, mode="bernoulli") for i in range(3)]
         for m in masks:
             s.build_dataloader(ToyImages(40), "training", batch_size=4, subset=m)
@@ -46,14 +46,14 @@ class TestUses:
         assert [u.details["subset_digest"] for u in record.log] == digests and len(set(digests)) == 3
 
     def test_plain_seed_uses_are_counted_not_logged(self):
-        s = SeedSession(1)
+        s = SeedSession(1).setup()
         for _ in range(5):
             s.seed("noise", 1)
         (r,) = s.records
         assert r.uses == 5 and r.log == ()
 
     def test_a_key_forked_in_a_loop_keeps_one_log_entry(self, tmp_path):
-        s = SeedSession(1)
+        s = SeedSession(1).setup()
         s.seed("noise")
         for _ in range(1_000):
             with s.fork("noise"):
@@ -71,23 +71,24 @@ class TestUses:
                 pass
 
     def test_optimizer_records_every_param_group(self):
-        s = SeedSession(1)
+        s = SeedSession(1).setup()
         model = torch.nn.Linear(2, 2)
         s.build_optimizer(torch.optim.SGD, [{"params": [model.weight], "lr": 0.5}, {"params": [model.bias]}], lr=0.1)
         groups = s.records[0].details["param_groups"]
         assert [g["lr"] for g in groups] == [0.5, 0.1] and [g["params"] for g in groups] == [1, 1]
 
     def test_rebuilding_a_key_with_other_details_warns_once(self, caplog):
-        s = SeedSession(1)
-        with caplog.at_level(logging.WARNING, logger="seedreg"):
+        s = SeedSession(1).setup()
+        with caplog.at_level(logging.WARNING, logger="seedreg"), pytest.warns(SeedregWarning, match="was built again") as told:
             s.build_model(TinyCNN, "m", width=4)
             s.build_model(TinyCNN, "m", width=8)
             s.build_model(TinyCNN, "m", width=16)
+        assert len(told) == 1
         warnings = [r for r in caplog.records if "seedreg_key_reused" in r.getMessage()]
         assert len(warnings) == 1 and "instance_id" in warnings[0].getMessage()
 
     def test_loaders_differing_only_in_subset_do_not_warn(self, caplog):
-        s = SeedSession(1)
+        s = SeedSession(1).setup()
         with caplog.at_level(logging.WARNING, logger="seedreg"):
             for i in range(3):
                 s.build_dataloader(ToyImages(20), "training", subset=s.subset_mask(20, 0.5, i))
@@ -95,24 +96,25 @@ class TestUses:
 
 
 def _recorded(tmp_path, lr=0.05):
-    s = SeedSession(3)
+    s = SeedSession(3).setup()
     model = s.build_model(TinyCNN, "m")
     s.build_optimizer(torch.optim.SGD, model.parameters(), "m", lr=lr, momentum=0.9)
     s.build_dataloader(ToyImages(16), "train", batch_size=4, shuffle=True)
-    s.build_dataloader(ToyImages(16), "train", batch_size=8)
+    with pytest.warns(SeedregWarning, match="was built again"):  # the second use, with other settings, on purpose
+        s.build_dataloader(ToyImages(16), "train", batch_size=8)
     s.record_result("answer", 42)
     return s.dump(tmp_path / "m.json")
 
 
 class TestReplayUseByUse:
     def test_optimizer_hyperparameters_are_checked(self, tmp_path):
-        r = SeedSession.from_manifest(_recorded(tmp_path))
+        r = SeedSession.from_manifest(_recorded(tmp_path)).setup()
         model = r.build_model(TinyCNN, "m")
         with pytest.raises(ReplayMismatchError, match=r"\('optimizer', 'm'\) use 1: defaults.lr is 0.1 but the manifest recorded 0.05"):
             r.build_optimizer(torch.optim.SGD, model.parameters(), "m", lr=0.1, momentum=0.9)
 
     def test_loose_mode_lists_the_field(self, tmp_path):
-        r = SeedSession.from_manifest(_recorded(tmp_path), strict=False)
+        r = SeedSession.from_manifest(_recorded(tmp_path), strict=False).setup()
         model = r.build_model(TinyCNN, "m")
         r.build_optimizer(torch.optim.SGD, model.parameters(), "m", lr=0.1, momentum=0.9)
         fields = {m["field"] for m in r.replay_report()["mismatches"]}
@@ -120,25 +122,27 @@ class TestReplayUseByUse:
         assert all(m["use"] == 1 and m["purpose"] == "optimizer" for m in r.replay_report()["mismatches"])
 
     def test_second_use_is_checked_against_the_second_recorded_use(self, tmp_path):
-        r = SeedSession.from_manifest(_recorded(tmp_path))
+        r = SeedSession.from_manifest(_recorded(tmp_path)).setup()
         r.build_dataloader(ToyImages(16), "train", batch_size=4, shuffle=True)
-        with pytest.raises(ReplayMismatchError, match=r"\('dataloader', 'train'\) use 2: batch_size is 4 but the manifest recorded 8"):
+        with pytest.raises(ReplayMismatchError, match=r"\('dataloader', 'train'\) use 2: batch_size is 4 but the manifest recorded 8"), \
+                pytest.warns(SeedregWarning, match="was built again"):
             r.build_dataloader(ToyImages(16), "train", batch_size=4)
 
     def test_a_use_beyond_the_recorded_ones(self, tmp_path):
-        r = SeedSession.from_manifest(_recorded(tmp_path))
+        r = SeedSession.from_manifest(_recorded(tmp_path)).setup()
         r.build_dataloader(ToyImages(16), "train", batch_size=4, shuffle=True)
-        r.build_dataloader(ToyImages(16), "train", batch_size=8)
+        with pytest.warns(SeedregWarning, match="was built again"):
+            r.build_dataloader(ToyImages(16), "train", batch_size=8)
         with pytest.raises(ReplayMismatchError, match="3rd time but the recorded run used it 2 time"):
             r.build_dataloader(ToyImages(16), "train", batch_size=8)
 
     def test_a_use_of_another_kind(self, tmp_path):
-        r = SeedSession.from_manifest(_recorded(tmp_path))
+        r = SeedSession.from_manifest(_recorded(tmp_path)).setup()
         with pytest.raises(ReplayMismatchError, match="use 1 is a 'seed' but was a 'model'"):
             r.seed("model", "m")
 
     def test_num_workers_does_not_matter_with_per_example_streams(self, tmp_path):
-        r = SeedSession.from_manifest(_recorded(tmp_path))
+        r = SeedSession.from_manifest(_recorded(tmp_path)).setup()
         r.build_dataloader(ToyImages(16), "train", batch_size=4, shuffle=True, num_workers=2)
         assert r.replay_report()["mismatches"] == []
 
@@ -153,7 +157,7 @@ class TestReplayUseByUse:
 
 class TestResults:
     def test_kinds(self):
-        s = SeedSession(0)
+        s = SeedSession(0).setup()
         m = torch.nn.Linear(2, 2)
         assert s.record_result("m", m)["kind"] == "module"
         assert s.record_result("sd", m.state_dict())["value"] == s.results[0]["value"]
@@ -165,7 +169,7 @@ class TestResults:
         assert s.record_result("t2", torch.arange(3).float())["value"] != s.results[2]["value"]
 
     def test_bad_results(self):
-        s = SeedSession(0)
+        s = SeedSession(0).setup()
         s.record_result("x", 1)
         with pytest.raises(ValueError, match="already recorded"):
             s.record_result("x", 2)
@@ -206,7 +210,7 @@ class TestResults:
 
 class TestEnvironment:
     def test_cpu_kernels_and_threads_recorded(self):
-        env = SeedSession(0).manifest().environment
+        env = SeedSession(0).setup().manifest().environment
         assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
         assert env["num_threads"] == torch.get_num_threads() and env["num_interop_threads"] == torch.get_num_interop_threads()
         assert isinstance(env["cpu"], str) and env["cpu"]
@@ -219,7 +223,7 @@ class TestEnvironment:
 
 class TestScope:
     def test_scope_depends_only_on_its_id(self):
-        s = SeedSession(5)
+        s = SeedSession(5).setup()
         with s.scope(7):
             a = (torch.rand(3), np.random.rand(), __import__("random").random())
         torch.rand(10), np.random.rand(4)
@@ -228,12 +232,12 @@ class TestScope:
         with s.scope(7):
             b = (torch.rand(3), np.random.rand(), __import__("random").random())
         assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
-        other = SeedSession(5)
+        other = SeedSession(5).setup()
         with other.scope(7):
             assert torch.equal(torch.rand(3), a[0])
 
     def test_outer_state_restored_and_nesting(self):
-        s = SeedSession(5)
+        s = SeedSession(5).setup()
         before = torch.get_rng_state()
         with pytest.raises(KeyError):
             with s.scope(1):
@@ -247,7 +251,7 @@ class TestScope:
 
 class TestWorkers:
     def test_seed_in_a_worker_is_refused_with_advice(self):
-        s = SeedSession(1)
+        s = SeedSession(1).setup()
 
         class Forking(torch.utils.data.Dataset):
             def __len__(self):
@@ -266,7 +270,7 @@ class TestWorkers:
     def test_a_pickled_session_refuses_uses(self):
         import pickle
 
-        s = SeedSession(1)
+        s = SeedSession(1).setup()
         s.seed("a")
         copy = pickle.loads(pickle.dumps(s))
         copy._registry._pid = -1  # as if unpickled in a spawned worker
@@ -276,7 +280,7 @@ class TestWorkers:
 
 class TestLoadersHeldWeakly:
     def test_dropped_loaders_are_freed_and_memory_stays_flat(self):
-        s = SeedSession(1)
+        s = SeedSession(1).setup()
         ds = ToyImages(2_000, augment=False)
         mask = np.ones(2_000, dtype=bool)
         gc.collect()
@@ -300,7 +304,7 @@ class TestLoadersHeldWeakly:
         assert (after_1000 - after_100) / 900 < 4_000
 
     def test_state_dict_lists_only_held_loaders(self):
-        s = SeedSession(1)
+        s = SeedSession(1).setup()
         keep = s.build_dataloader(ToyImages(8), "a")
         s.build_dataloader(ToyImages(8), "b")
         assert [ld["instance_id"] for ld in s.state_dict()["loaders"]] == ["a"] and keep is not None
@@ -335,10 +339,10 @@ class TestStepCheckpointsKeepTheRegistry:
         assert eval_loader.sampler.position == 8  # a loader the checkpoint did not know is left alone
 
     def test_resume_refuses_a_loader_not_built(self):
-        s = SeedSession(2)
+        s = SeedSession(2).setup()
         a = s.build_dataloader(ToyImages(8), "train")
         state = s.state_dict()
-        fresh = SeedSession(2)
+        fresh = SeedSession(2).setup()
         with pytest.raises(StateError, match=r"\('dataloader', 'train'\) use 1, which this session has not built"):
             fresh.load_state_dict(state)
         assert a is not None

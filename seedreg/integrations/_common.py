@@ -6,8 +6,7 @@ from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import SeedregError, StateError
-from ..manifest_format import _results
-from ..resume import check_state
+from ..manifest_format import check_results
 from ..session import SeedSession
 
 #: Results the integrations record where a run ends: never carried over from a checkpoint (a run
@@ -38,7 +37,7 @@ def check_session(session: Any) -> SeedSession:
 def record_weights_once(session: SeedSession, name: str, model: Any) -> None:
     """Record `model`'s weights as result `name` unless this run (or the checkpoint it resumed
     from) already did."""
-    if name not in session._results:
+    if not session.has_result(name):
         session.record_result(name, model.state_dict())
 
 
@@ -54,8 +53,8 @@ def carried_state(session: SeedSession, saved: Any, where: str) -> Tuple[Mapping
         if key not in saved:
             raise StateError(f"{where} is missing {key!r}; the checkpoint is damaged or was not written by seedreg.")
     try:
-        check_state(session, saved["session"])
-        results = list(_results(saved["results"], f"{where}['results']"))
+        session.check_state_dict(saved["session"])
+        results = list(check_results(saved["results"], f"{where}['results']"))
     except RecursionError:
         raise StateError(f"{where} is nested too deeply to be a seedreg state; the checkpoint is damaged.") from None
     except StateError as exc:

@@ -199,7 +199,7 @@ class SeedregCallback(pl.Callback):
         if train:
             taken = int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
             fixed = {id(loader): self._taken_state(loader, taken) for loader in train}
-            by_key = {(loader.instance_id, loader._use): fixed[id(loader)] for loader in train}
+            by_key = {(loader.instance_id, loader.use): fixed[id(loader)] for loader in train}
             state["loaders"] = [by_key.get((ls["instance_id"], ls["use"]), ls) for ls in state["loaders"]]
             # Lightning keeps each stateful loader's own state_dict() too; keep the two in agreement
             stateful = [l for l in loaders if hasattr(l, "state_dict") and hasattr(l, "load_state_dict")]
@@ -208,8 +208,8 @@ class SeedregCallback(pl.Callback):
             if "combined_loader" in fit:
                 fit["combined_loader"] = combined
         mine = {"rank": self.session.rank, "session": state, "results": self.session.results, "combined_loader": combined}
-        if self.trace_every is not None and self.session._trace is not None:
-            mine["trace"] = self.session._trace.state_dict()
+        if self.trace_every is not None and self.session.current_trace is not None:
+            mine["trace"] = self.session.current_trace.state_dict()
         # Every rank runs this hook, only rank 0 writes the file: gather each rank's state into it
         ranks: List[Any] = [mine]
         if self.session.world_size > 1:
@@ -253,7 +253,7 @@ class SeedregCallback(pl.Callback):
         if self.record_weights and self._resume is None:
             record_weights_once(self.session, "initial_weights", pl_module)
         if self.trace_every is not None:
-            trace = self.session._trace
+            trace = self.session.current_trace
             if trace is None:
                 trace = self.session.trace(pl_module, every=self.trace_every)
             elif trace.model is not pl_module:
@@ -263,14 +263,14 @@ class SeedregCallback(pl.Callback):
                 trace.load_state_dict(state)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        trace = self.session._trace
+        trace = self.session.current_trace
         if self.trace_every is not None and trace is not None and (trainer.global_step + 1) % self.trace_every == 0:
-            trace._take_grads()  # the gradients of the step about to be taken, before anything clears them
+            trace.take_grads()  # the gradients of the step about to be taken, before anything clears them
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        trace = self.session._trace
+        trace = self.session.current_trace
         step = trainer.global_step
-        if self.trace_every is None or trace is None or (trace._last is not None and step <= trace._last) or step == 0:
+        if self.trace_every is None or trace is None or (trace.last_step is not None and step <= trace.last_step) or step == 0:
             return  # no optimizer step since the last one traced (gradient accumulation)
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs if isinstance(outputs, torch.Tensor) else None
         trace.step(step, loss=loss)
@@ -283,7 +283,7 @@ class SeedregCallback(pl.Callback):
         # the registry, every loader's position (the training loaders' as the loop took them) and
         # the global generators, which are put back right before the next batch is drawn
         self.session.load_state_dict(state)
-        self.session._adopt_results(results)
+        self.session.adopt_results(results)
         # Lightning created the training iterator before this hook, from the loaders as they were
         # built: start it again at the first batch not taken
         fetcher = trainer.fit_loop._data_fetcher

@@ -190,9 +190,9 @@ class SeedregTrainer(transformers.Trainer):
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
         state = {"format": _FORMAT, "version": 1, "session": self.session.state_dict(), "results": self.session.results}
-        if self.trace_every is not None and self.session._trace is not None:
+        if self.trace_every is not None and self.session.current_trace is not None:
             buffer = io.BytesIO()
-            torch.save(self.session._trace.state_dict(), buffer)
+            torch.save(self.session.current_trace.state_dict(), buffer)
             atomic_write(self._trace_file(output_dir), buffer.getvalue())
         atomic_write(self._state_file(output_dir), json.dumps(state).encode())
 
@@ -211,7 +211,7 @@ class SeedregTrainer(transformers.Trainer):
         self._seedreg_start_trace().load_state_dict(state)
 
     def _seedreg_start_trace(self) -> Any:
-        trace = self.session._trace
+        trace = self.session.current_trace
         if trace is None:
             assert self.model is not None and self.trace_every is not None
             trace = self.session.trace(self.model, every=self.trace_every)
@@ -224,9 +224,9 @@ class SeedregTrainer(transformers.Trainer):
         return trace
 
     def _seedreg_before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        trace = self.session._trace
+        trace = self.session.current_trace
         if trace is not None and self.trace_every is not None and (self.state.global_step + 1) % self.trace_every == 0:
-            trace._take_grads()  # the Trainer clears .grad after the step, before on_step_end
+            trace.take_grads()  # the Trainer clears .grad after the step, before on_step_end
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         loss = super().training_step(*args, **kwargs)
@@ -264,13 +264,13 @@ class SeedregTrainer(transformers.Trainer):
         except StateError as exc:
             raise StateError(f"{path}: {exc}") from None
         train = self._seedreg_train_loader
-        live = {(type(loader.instance_id), loader.instance_id, loader._use) for loader in s._live_loaders()}
+        live = {(type(loader.instance_id), loader.instance_id, loader.use) for loader in s.live_loaders()}
         # evaluation loaders are built afresh for each evaluation: only those this process holds are restored
         kept = [ls for ls in state["loaders"] if (type(ls["instance_id"]), ls["instance_id"], ls.get("use")) in live]
-        if train is not None and not any((ls["instance_id"], ls["use"]) == (train.instance_id, train._use) for ls in kept):
+        if train is not None and not any((ls["instance_id"], ls["use"]) == (train.instance_id, train.use) for ls in kept):
             raise StateError(f"{path} holds no position for the training loader; build the loaders as the run that saved it did.")
         s.load_state_dict({**state, "loaders": kept})
-        s._adopt_results(results)
+        s.adopt_results(results)
         if self.trace_every is not None:
             self._seedreg_resume_trace(checkpoint)
 
@@ -326,6 +326,6 @@ class _TraceSteps(transformers.TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        trace = self.trainer.session._trace
-        if trace is not None and (trace._last is None or state.global_step > trace._last):
+        trace = self.trainer.session.current_trace
+        if trace is not None and (trace.last_step is None or state.global_step > trace.last_step):
             trace.step(state.global_step, loss=self.trainer._seedreg_loss)

@@ -13,13 +13,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .. import resume as _resume
 from .. import rng
 from .statestore import StateStore
 
 __all__ = ["SCHEDULES", "StepCheckpoints"]
 
 SCHEDULES = ("uniform", "sqrt", "log")
+"""The checkpoint schedules, by name (``schedule=``): ``"uniform"`` (a state every `every` steps),
+``"sqrt"`` (every ``ceil(sqrt(steps))`` steps; ``magic.metagradient``'s default) and ``"log"``
+(the first state only, reversed by recursive bisection)."""
 
 
 class StepCheckpoints:
@@ -49,7 +51,7 @@ class StepCheckpoints:
 
     >>> import torch
     >>> from seedreg import SeedSession
-    >>> s = SeedSession(0)
+    >>> s = SeedSession(0).setup()
     >>> model = s.build_model(torch.nn.Linear, None, in_features=2, out_features=1)
     >>> opt = s.build_optimizer(torch.optim.SGD, model.parameters(), lr=0.1)
     >>> loader = s.build_dataloader(torch.randn(8, 2), batch_size=2, shuffle=True)
@@ -137,7 +139,7 @@ class StepCheckpoints:
 
     def capture(self) -> Dict[str, Any]:
         """The whole training state now (copies: later training does not change it)."""
-        return {**self._capture_training(), "session": _resume.rewind_state(self.session)}
+        return {**self._capture_training(), "session": self.session.rewind_point()}
 
     def _capture_fast(self) -> Dict[str, Any]:
         """A state held only for the length of a reverse pass: the global generators as the
@@ -171,12 +173,12 @@ class StepCheckpoints:
             "extra": [self._copy(e[0]() if isinstance(e, tuple) else e.state_dict()) for e in self.extra],
         }
 
-    def _apply(self, state: Mapping[str, Any], *, last_use: bool = False) -> None:
+    def apply_state(self, state: Mapping[str, Any], *, last_use: bool = False) -> None:
         """Put `state` back; with `last_use` (a reverse pass's own state, used once) without copying it."""
         if "rng" in state:
             rng.restore_raw(state["rng"])
         else:
-            _resume.rewind(self.session, state["session"])  # validated first: a bad state changes nothing
+            self.session.rewind(state["session"])  # validated first: a bad state changes nothing
         keep = (lambda x: x) if last_use else copy.deepcopy
         with torch.no_grad():
             self.model.load_state_dict(state["model"])
@@ -193,7 +195,8 @@ class StepCheckpoints:
             else:
                 e.load_state_dict(keep(st))
 
-    def _put(self, step: int, state: Dict[str, Any]) -> None:
+    def store_state(self, step: int, state: Dict[str, Any]) -> None:
+        """Keep `state` (from :meth:`capture`) as the state before step `step`: in memory, or in the store."""
         if self._disk is None:
             self.saved[step] = state
         else:
@@ -205,9 +208,9 @@ class StepCheckpoints:
         state = self.saved[step]
         if state is not None:
             return state
-        return self._read(step)
+        return self.read_stored(step)
 
-    def _read(self, step: int) -> Dict[str, Any]:
+    def read_stored(self, step: int) -> Dict[str, Any]:
         """State `step` from the store, whole and checked before anything is restored."""
         assert self._disk is not None
         return self._disk.read(step)
@@ -218,14 +221,14 @@ class StepCheckpoints:
             raise ValueError(f"`step` must be an int >= 0 (steps done), got {step!r}.")
         self.done = max(self.done, step)
         trace = self._trace()
-        if trace is not None and step >= 1 and trace._last is not None:
-            self._trace_offset = trace._last - (step - 1)  # the loop traced step `step - 1` as trace._last
+        if trace is not None and step >= 1 and trace.last_step is not None:
+            self._trace_offset = trace.last_step - (step - 1)  # the loop traced step `step - 1` as trace.last_step
         if self.every is None:
             keep = step == 0
         else:
             keep = step % self.every == 0
         if keep:
-            self._put(step, self.capture())
+            self.store_state(step, self.capture())
         return keep
 
     # -- replay ----------------------------------------------------------------------------------
@@ -240,7 +243,7 @@ class StepCheckpoints:
     def _batch(self, step: int) -> Tuple[torch.Tensor, Any]:
         loader = self.loader
         raw = loader.batch_at(step)
-        if loader._with_indices:
+        if loader.with_indices:
             return raw[0], (raw[1] if len(raw) == 2 else raw[1:])
         return torch.tensor(loader.indices_at(step)[1], dtype=torch.long), raw
 
@@ -263,7 +266,7 @@ class StepCheckpoints:
         if not candidates:
             raise ValueError(f"no checkpoint at or before step {step}; saved steps: {sorted(self.saved)}.")
         start = max(candidates)
-        self._apply(self._get(start))
+        self.apply_state(self._get(start))
         return start
 
     def state_before(self, step: int, step_fn: Callable[..., Any]) -> int:
@@ -315,7 +318,7 @@ class StepCheckpoints:
 
     def _reverse_segment(self, lo: int, hi: int, step_fn: Callable[..., Any], forward: Callable[..., Any]) -> None:
         """Steps hi-1 .. lo, each with the state before it restored (recomputed from checkpoint lo)."""
-        self._apply(self._get(lo))
+        self.apply_state(self._get(lo))
         segment = []
         for s in range(lo, hi):
             indices, batch = self._batch(s)
@@ -324,19 +327,19 @@ class StepCheckpoints:
             forward(s, indices, batch)
         for s in reversed(range(lo, hi)):
             state, indices, batch = segment.pop()
-            self._apply(state, last_use=True)
+            self.apply_state(state, last_use=True)
             step_fn(s, indices, batch)
 
     def _reverse_log(self, lo: int, hi: int, step_fn: Callable[..., Any], forward: Callable[..., Any], held: int) -> None:
         """Visit steps hi-1 .. lo; the state before `lo` is checkpoint `lo` (bisection, O(log) states)."""
         self.peak_states = max(self.peak_states, held)
         if hi - lo == 1:
-            self._apply(self._state_at(lo))
+            self.apply_state(self._state_at(lo))
             indices, batch = self._batch(lo)
             step_fn(lo, indices, batch)
             return
         mid = (lo + hi) // 2
-        self._apply(self._state_at(lo))
+        self.apply_state(self._state_at(lo))
         self._run(lo, mid, forward)
         self._extra_states[mid] = self._capture_fast()
         self._reverse_log(mid, hi, step_fn, forward, held + 1)

@@ -169,7 +169,7 @@ class Trained:
         checkpoints.reverse_kept(stepper, adjoint, Progress(self._total), trained)
         # the reverse pass left the state before step 0: put the trained one back (model, gradients,
         # optimizer, scheduler, generators and loader positions as the plain loop leaves them)
-        checkpoints._apply(trained, last_use=True)
+        checkpoints.apply_state(trained, last_use=True)
         return stepper.ranks.sum_(adjoint.grad)
 
 
@@ -265,7 +265,7 @@ def train(
     started = time.perf_counter()
     if runstore is not None and stored is not None:  # trained by another process: its final state
         checkpoints.adopt(runstore.states, stored["run"], stored["saved"], stored["steps"])
-        checkpoints._apply(checkpoints._read(total))
+        checkpoints.apply_state(checkpoints.read_stored(total))
         stats = {"steps": total, "states_kept": len(stored["saved"]), "seconds_forward": time.perf_counter() - started,
                  "trained": False}
         return Trained(model=model, stepper=stepper, checkpoints=checkpoints, batches=batches, total=total, stats=stats,
@@ -277,7 +277,7 @@ def train(
         train_loop(loader, epochs, stepper, checkpoints, batches, progress, model)
         if runstore is not None:
             if total not in checkpoints.saved:  # the trained state, for the processes that reuse the run
-                checkpoints._put(total, checkpoints.capture())
+                checkpoints.store_state(total, checkpoints.capture())
             runstore.finish(checkpoints.run_id, sorted(checkpoints.saved), total)
     finally:
         if runstore is not None:

@@ -86,7 +86,7 @@ class SGD:
         return new_params, new_state
 
 
-def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     """sqrt with the same values, and derivative 0 (not infinity) where x is exactly 0."""
     positive = x > 0
     return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
@@ -135,7 +135,7 @@ class AdamW:
                 g = g + self.weight_decay * p
             m = m + (1 - beta1) * (g - m)  # torch's lerp(m, g, 1 - beta1) for weights below 0.5
             v = v * beta2 + (1 - beta2) * g * g
-            denom = _safe_sqrt(v) / bias2_sqrt + self.eps
+            denom = safe_sqrt(v) / bias2_sqrt + self.eps
             new_params.append(p - (lr / bias1) * m / denom)
             firsts.append(m)
             seconds.append(v)
@@ -153,4 +153,4 @@ class Adam(AdamW):
         super().__init__(lr, betas, eps, weight_decay)
 
 
-_OPTIMIZERS = (SGD, AdamW, Adam)
+OPTIMIZERS = (SGD, AdamW, Adam)

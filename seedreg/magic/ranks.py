@@ -50,7 +50,7 @@ class Ranks:
         """Refuse what would make the ranks' runs differ from one DDP run: a loader that does not
         shard by rank, BatchNorm statistics (DDP broadcasts rank 0's), and ranks that disagree on
         the run's definition (checked before training)."""
-        session = getattr(loader, "_session", None)
+        session = getattr(loader, "session", None)
         if session is None or session.world_size != self.world or session.rank != self.rank:
             raise SeedregError(f"`loader` must shard the data by rank (a loader of a SeedSession made after the process "
                                f"group exists: rank {self.rank} of {self.world}).")

@@ -85,7 +85,7 @@ class RunCheckpoints(StepCheckpoints):
             records: Optional[List[Any]] = None
             if self.kept_graphs:
                 start = self._get(lo)
-                self._apply(start)
+                self.apply_state(start)
                 records = []
                 for s in range(lo, hi):
                     indices, batch = self._batch(s)
@@ -130,9 +130,9 @@ def check_loader(loader: Any) -> Any:
             "`loader` must yield the dataset's batches as they are: build it without with_indices, subset_mode='weight' "
             "or example_weights (metagradient weights each example's loss itself)."
         )
-    if loader._session is None:
+    if loader.session is None:
         raise SeedregError("`loader` was not built by SeedSession.build_dataloader (it has no session).")
-    return loader._session
+    return loader.session
 
 
 class Progress:

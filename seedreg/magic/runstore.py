@@ -83,7 +83,7 @@ def definition(*, session: Any, model: torch.nn.Module, loader: Any, optimizer: 
         state = {k: v for k, v in scheduler.state_dict().items() if not callable(v) and k != "lr_lambdas"}
         sched = {"class": type(scheduler).__name__, "state": _digest(state)}
     steps = len(loader)
-    batches = {"instance_id": repr(loader.instance_id), "use": loader._use, "examples": len(loader.dataset),
+    batches = {"instance_id": repr(loader.instance_id), "use": loader.use, "examples": len(loader.dataset),
                "batch_size": loader.batch_size, "batches": steps, "shuffle": loader.sampler.shuffle}
     if data:
         batches["data"] = _digest([loader.batch_at(0), loader.batch_at(epochs * steps - 1)])

@@ -24,6 +24,7 @@ __all__ = ["Adjoint", "Stepper", "vjp"]
 
 Losses = Callable[[torch.nn.Module, Any], torch.Tensor]
 _LOW = (torch.float16, torch.bfloat16)
+_BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)  # lazy ones become these on their first forward
 
 
 @contextlib.contextmanager
@@ -85,7 +86,7 @@ class Stepper:
         named = {id(p): n for n, p in model.named_parameters()}
         self.names = [named[id(p)] for p in self.params]  # in the optimizer's order
         self.norms = [(name, m) for name, m in model.named_modules()
-                      if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None]
+                      if isinstance(m, _BATCH_NORMS) and m.track_running_stats and m.running_mean is not None]
         self.tracked = {f"{p}.{b}" if p else b for p, _ in self.norms for b in ("running_mean", "running_var", "num_batches_tracked")}
         buffers = dict(model.named_buffers())
         self.stat_names = [n for n in buffers if n in self.tracked and buffers[n].is_floating_point()]

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import SeedregError
-from .optimizers import _OPTIMIZERS, _safe_sqrt
+from .optimizers import OPTIMIZERS, safe_sqrt
 
 __all__ = ["FunctionalSteps", "TorchSteps", "clip", "make_steps"]
 
@@ -155,7 +155,7 @@ class TorchSteps:
             if h["amsgrad"]:
                 second = torch.maximum(torch.zeros_like(p) if top is None else top, v)
                 maxima[i] = second
-            denom = _safe_sqrt(second) / ((1 - beta2**t) ** 0.5) + eps
+            denom = safe_sqrt(second) / ((1 - beta2**t) ** 0.5) + eps
             new_params.append(p - (lr / (1 - beta1**t)) * m / denom)
         return new_params, firsts + seconds + maxima
 
@@ -199,7 +199,7 @@ class FunctionalSteps:
 
 def make_steps(optimizer: Any, model: torch.nn.Module) -> Any:
     """The steps of `optimizer` on `model`, or a TypeError naming what is accepted."""
-    if isinstance(optimizer, _OPTIMIZERS):
+    if isinstance(optimizer, OPTIMIZERS):
         return FunctionalSteps(optimizer, model)
     if isinstance(optimizer, torch.optim.Optimizer):
         return TorchSteps(optimizer, model)

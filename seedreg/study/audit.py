@@ -13,28 +13,45 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+import pathlib
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import attrs
 import numpy as np
 
 from ..derive import derive_seed
+from ..bitwise import BITWISE_KEYS
 from ..errors import ManifestError
 from ..fingerprint import result_entry
 from ..manifest import Manifest
 from ..masks import mask_digest
 from . import definition as defn
-from .definition import StudyError
-from .logs import Lines, file_sha256
+from .definition import FIELDS, StudyError
+from .logs import Index, Lines, file_sha256
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .core import Study
+
+
+@attrs.frozen
+class StudyView:
+    """What the audit reads of a study: its folder, definition, completion index (read just before)
+    and the master seed of every model."""
+
+    root: pathlib.Path
+    definition: Mapping[str, Any]
+    index: Index
+    masters: List[int]
+
+    def __getattr__(self, name: str) -> Any:  # the definition's fields, as a Study has them
+        if name in FIELDS:
+            return self.definition[name]
+        raise AttributeError(name)
 
 CHUNK_BYTES = 64 << 20  # rows read at once (masks and outputs together)
 SETTINGS = {"deterministic": True, "warn_only": True, "fill_uninitialized_memory": True}  # SeedSession's defaults
 Progress = Optional[Callable[[int, int], None]]
 
 
-def _rows_per_chunk(study: "Study") -> int:
+def _rows_per_chunk(study: StudyView) -> int:
     return max(1, CHUNK_BYTES // (study.num_examples + 4 * study.num_outputs))
 
 
@@ -49,11 +66,11 @@ def _workers(requested: Optional[int], completed: int) -> int:
 WORKERS_FROM = 4000  # completed models from which the audit uses one process per core
 
 
-def audit(study: "Study", progress: Progress = None, workers: Optional[int] = None) -> Dict[str, Any]:
+def audit(study: StudyView, progress: Progress = None, workers: Optional[int] = None) -> Dict[str, Any]:
     """Check the whole study; ``report["ok"]`` is True when nothing is wrong. See the module docstring.
     Chunks of rows are checked by `workers` processes (default: one per core, up to 8, for large
     studies); each holds one chunk of rows at a time."""
-    index = study._refresh()
+    index = study.index
     d = study.definition
     n = study.num_models
     problems: List[str] = list(index.damaged)
@@ -62,7 +79,6 @@ def audit(study: "Study", progress: Progress = None, workers: Optional[int] = No
     except StudyError as exc:
         return {"ok": False, "models": n, "completed": len(index.completed()), "missing": np.flatnonzero(index.log < 0).tolist(),
                 "problems": problems + [str(exc)], "environment_differences": []}
-    study.model_master_seed(n - 1)  # every model's, derived once here
     step = _rows_per_chunk(study)
     jobs = [_Job(study, offsets, a, min(n, a + step)) for a in range(0, n, step)]
     count = _workers(workers, len(index.completed()))
@@ -95,8 +111,6 @@ def audit(study: "Study", progress: Progress = None, workers: Optional[int] = No
             envs.setdefault(env, []).extend(ids)
     env_differences: List[str] = []
     if envs:
-        from ..replay import BITWISE_KEYS
-
         first = min(min(ids) for ids in envs.values())
         reference = next(env for env, ids in envs.items() if first in ids)
         ref = json.loads(reference)
@@ -123,7 +137,7 @@ def audit(study: "Study", progress: Progress = None, workers: Optional[int] = No
     }
 
 
-def _given_masks(study: "Study", offsets: Mapping[str, int]) -> List[str]:
+def _given_masks(study: StudyView, offsets: Mapping[str, int]) -> List[str]:
     """Given masks: each segment's rows hashed, a chunk at a time, against study.json's digest."""
     out = []
     step = max(1, CHUNK_BYTES // study.num_examples)
@@ -139,11 +153,11 @@ def _given_masks(study: "Study", offsets: Mapping[str, int]) -> List[str]:
 class _Job:
     """Models [start, stop) of a study: what one worker needs, small enough to send."""
 
-    def __init__(self, study: "Study", offsets: Mapping[str, int], start: int, stop: int) -> None:
-        idx = study._index
+    def __init__(self, study: StudyView, offsets: Mapping[str, int], start: int, stop: int) -> None:
+        idx = study.index
         self.root, self.definition, self.offsets = study.root, study.definition, dict(offsets)
         self.start, self.stop = start, stop
-        self.masters = study._masters[start:stop]
+        self.masters = study.masters[start:stop]
         self.logs = idx.logs
         self.log, self.offset = idx.log[start:stop].copy(), idx.offset[start:stop].copy()
         self.length, self.line = idx.length[start:stop].copy(), idx.line[start:stop].copy()
@@ -151,7 +165,6 @@ class _Job:
 
 def _run_job(job: _Job) -> Tuple[List[int], List[str], Dict[Any, List[int]]]:
     """(missing ids, problems, {environment: model ids}) of the job's models."""
-    from ..replay import BITWISE_KEYS
 
     d = job.definition
     masks = defn.read_rows(job.root / "masks.npy", job.offsets["masks.npy"], d["num_examples"], job.start, job.stop)
@@ -256,12 +269,12 @@ def _check_model(job: _Job, lines: Lines, model_id: int, k: int, stored_mask: np
     return m.environment
 
 
-def study_manifest(study: "Study", progress: Progress = None) -> Manifest:
+def study_manifest(study: StudyView, progress: Progress = None) -> Manifest:
     """One manifest for the whole study: the study-level seeds as records, and each completed
     model's newest mask digest and outputs fingerprint as results (each model once)."""
     from ..records import SeedRecord
 
-    index = study._refresh()
+    index = study.index
     n = study.num_models
     records = [
         SeedRecord(purpose="study/model", instance_id=i, seed=derive_seed(study.master_seed, "study/model", i, scheme="sha256-v2"), kind="seed")
@@ -282,7 +295,7 @@ def study_manifest(study: "Study", progress: Progress = None) -> Manifest:
                                      for k, v in study.definition.items() if k != "masks_digests"]
     results += [{"name": f"study.masks_digest.{s}-{e - 1}", "kind": "value", "value": dg} for s, e, dg in study.definition["masks_digests"]]
     environment: Mapping[str, Any] = {}
-    lines = Lines.of(study)
+    lines = Lines.of(study.root, study.index)
     try:
         for model_id in index.completed().tolist():
             try:

@@ -15,8 +15,10 @@ from ..manifest import Manifest
 from ..masks import check_mask_args
 from . import definition as defn
 from .definition import FIELDS, StudyError
+from .audit import StudyView, audit, study_manifest
 from .locks import Locks, only_run_in_process
 from .logs import Index, Lines, TaskLog
+from .rows import Rows
 from .run import StudyRun, is_artifact_name
 
 _MASTER_MAX = 2**32 - 1
@@ -109,6 +111,7 @@ class Study:
         self._masters_seen: set = set()
         self._locks = Locks(root, lock)
         self._log = TaskLog(root / "tasks")
+        self._rows = Rows(root)
         self._index = Index(root / "tasks", 0)  # sized by _set_definition, once the arrays are checked
         self._scanned = False
         self._set_definition(definition)
@@ -117,9 +120,7 @@ class Study:
         self.definition = dict(definition)
         for key in FIELDS:
             setattr(self, key, definition[key])
-        self._headers: Dict[str, Any] = {}
-        for name in defn.ARRAYS:  # before sizing anything by num_models: a definition that lies is refused here
-            self._header(name)
+        self._rows.check(self.definition)  # before sizing anything by num_models: a definition that lies is refused here
         self._index.resize(self.num_models)
         with contextlib.suppress(OSError):
             st = os.stat(self.root / "study.json")
@@ -182,7 +183,7 @@ class Study:
         index = self._refresh()
         if index.log[model_id] < 0:
             raise StudyError(f"model {model_id} is not complete; no task log holds its manifest.")
-        lines = Lines.of(self)  # the one reader of completion lines (digest, parser, model id)
+        lines = Lines.of(self.root, self._index)  # the one reader of completion lines (digest, parser, model id)
         try:
             _, entry = lines.read(model_id)
         finally:
@@ -230,7 +231,7 @@ class Study:
         """Model `model_id`'s training subset (shared by its replicate group): derived, or the given row."""
         self._check_id(model_id)
         if self.definition["masks"] == "given":
-            return defn.read_rows(self.root / "masks.npy", self._header("masks.npy"), self.num_examples, model_id, model_id + 1)[0]
+            return defn.read_rows(self.root / "masks.npy", self._rows.header("masks.npy"), self.num_examples, model_id, model_id + 1)[0]
         return defn.derived_mask(self.definition, model_id // self.replicates)
 
     def _check_id(self, model_id: Any) -> None:
@@ -263,43 +264,24 @@ class Study:
                 attempt = int(index.attempt[model_id]) + 1 if done else 1
                 # setup() seeds python, numpy, torch and CUDA from the model's own master seed
                 session = SeedSession(self.model_master_seed(model_id), scheme=self.scheme).setup()
-                run = StudyRun(self, model_id, session, self.mask(model_id), attempt)
+                run = StudyRun(self, model_id, session, self.mask(model_id), attempt, commit=self._commit)
                 try:
                     yield run
                 finally:
-                    run._open = False
+                    run.close()
             finally:
                 self._locks.release(model_id)
 
-    def _header(self, name: str) -> int:
-        """Row 0's offset in `name`, from a header checked against the definition."""
-        offset = defn.array_header(self.root / name, self.definition)
-        with open(self.root / name, "rb") as fh:
-            self._headers[name] = (offset, fh.read(offset))
-        return offset
-
-    def _write_row(self, name: str, model_id: int, data: bytes) -> None:
-        """Write one row through the header checked for it: the file's header bytes must still be
-        the ones validated (re-validated if they changed), and the file long enough."""
-        try:
-            fd = os.open(self.root / name, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
-        except OSError as exc:
-            raise StudyError(f"{self.root / name} cannot be opened for model {model_id}'s row ({exc.strerror or exc}); restore the study's file.") from None
-        try:
-            offset, header = self._headers.get(name, (0, b""))
-            if not header or os.pread(fd, offset, 0) != header:
-                offset = self._header(name)
-            if os.fstat(fd).st_size < offset + self.num_models * len(data):
-                offset = self._header(name)  # names the truncation
-            written = os.pwrite(fd, data, offset + model_id * len(data))
-            if written != len(data):
-                raise OSError(28, "short write")
-        except OSError as exc:
-            raise StudyError(
-                f"model {model_id}: writing its row of {name} failed ({exc.strerror or exc}); it stays incomplete: free space and run it again."
-            ) from None
-        finally:
-            os.close(fd)
+    def _commit(self, run: StudyRun, row: np.ndarray, line: bytes, digest: bytes) -> None:
+        """Complete `run`'s model: its rows first, then (under its lock still) its completion line."""
+        model_id = run.model_id
+        self._locks.check_held(model_id)
+        self._rows.write("outputs.npy", model_id, row.astype("<f4").tobytes())
+        if self.definition["masks"] != "given":
+            self._rows.write("masks.npy", model_id, run.mask.tobytes())
+        self._locks.check_held(model_id)
+        self._log.append(model_id, run.attempt, line, digest)
+        self._locks.set_hint(model_id, run.attempt)
 
     def grow(self, num_models: int, *, masks: Any = None) -> "Study":
         """Add models up to `num_models` (models 0..N-1, their masks, rows and records unchanged).
@@ -336,12 +318,12 @@ class Study:
 
     def masks(self) -> np.ndarray:
         """``masks.npy`` (models x examples, bool), read-only memory map."""
-        self._header("masks.npy")
+        self._rows.header("masks.npy")
         return np.load(self.root / "masks.npy", mmap_mode="r")
 
     def outputs(self) -> np.ndarray:
         """``outputs.npy`` (models x outputs, float32), read-only memory map."""
-        self._header("outputs.npy")
+        self._rows.header("outputs.npy")
         return np.load(self.root / "outputs.npy", mmap_mode="r")
 
     def audit(self, *, progress: Any = None, workers: Optional[int] = None) -> Dict[str, Any]:
@@ -350,16 +332,17 @@ class Study:
         re-derived, no nondeterministic op), its rows and artifacts the ones it recorded, and one
         environment. ``progress(done, total)`` is called after each chunk; `workers` processes
         share the chunks (default: one per core, up to 8, from 4,000 models)."""
-        from .audit import audit
-
-        return audit(self, progress=progress, workers=workers)
+        return audit(self._view(), progress=progress, workers=workers)
 
     def study_manifest(self, *, progress: Any = None) -> Manifest:
         """One manifest for the whole study (``seedreg show`` reads it): the study-level seeds as
         records, and each model's newest mask digest and outputs fingerprint as results."""
-        from .audit import study_manifest
+        return study_manifest(self._view(), progress=progress)
 
-        return study_manifest(self, progress=progress)
+    def _view(self) -> StudyView:
+        index = self._refresh()
+        self.model_master_seed(self.num_models - 1)  # every model's, derived once here
+        return StudyView(self.root, self.definition, index, list(self._masters))
 
 
 def _task_from_environment() -> "tuple[int, int]":

@@ -306,9 +306,9 @@ class Lines:
         self._fds: Dict[int, int] = {}
 
     @classmethod
-    def of(cls, study: Any) -> "Lines":
-        idx = study._index
-        return cls(study.root / "tasks", idx.logs, idx.log, idx.offset, idx.length, idx.line)
+    def of(cls, root: Any, idx: "Index") -> "Lines":
+        """The reader of the completion lines of the study in `root`, as index `idx` places them."""
+        return cls(root / "tasks", idx.logs, idx.log, idx.offset, idx.length, idx.line)
 
     def read(self, model_id: int, k: Optional[int] = None) -> Tuple[str, Dict[str, Any]]:
         k = model_id if k is None else k

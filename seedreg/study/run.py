@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-from typing import TYPE_CHECKING, Any, Dict
+from typing import Any, Callable, Dict
 
 import numpy as np
 
 from ..masks import mask_digest
 from .definition import StudyError
 from .logs import file_sha256, outputs_digest
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .core import Study
 
 _ARTIFACT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
@@ -33,7 +30,8 @@ class StudyRun:
     manifest, then marks it complete.
     """
 
-    def __init__(self, study: "Study", model_id: int, session: Any, mask: np.ndarray, attempt: int) -> None:
+    def __init__(self, study: Any, model_id: int, session: Any, mask: np.ndarray, attempt: int, *,
+                 commit: Callable[["StudyRun", np.ndarray, bytes, bytes], None]) -> None:
         self.study = study
         self.model_id = model_id
         self.mask_id = model_id // study.replicates
@@ -43,6 +41,11 @@ class StudyRun:
         self.saved = False
         self._open = True
         self._artifacts: Dict[str, pathlib.Path] = {}
+        self._commit = commit  # the study's: writes the rows, then the completion line
+
+    def close(self) -> None:
+        """The ``with study.run(...)`` block ended: the model's lock is released, nothing more is saved."""
+        self._open = False
 
     def artifact(self, name: str) -> pathlib.Path:
         """A path for this model's file `name` (``ROOT/artifacts/ID/ATTEMPT/name``): write it before
@@ -77,11 +80,7 @@ class StudyRun:
             )
         if not np.isfinite(row).all():
             raise StudyError(f"`outputs` of model {self.model_id} holds NaN or infinite values; save finite numbers.")
-        study._locks.check_held(self.model_id)
         digests = {name: _file_digest(path, self.model_id, name) for name, path in sorted(self._artifacts.items())}
-        study._write_row("outputs.npy", self.model_id, row.astype("<f4").tobytes())
-        if study.definition["masks"] != "given":
-            study._write_row("masks.npy", self.model_id, self.mask.tobytes())
         s = self.session
         have = {r["name"] for r in s.results}
         for name, value in (
@@ -98,9 +97,7 @@ class StudyRun:
         s.record_result("outputs", row)
         line = json.dumps({"model_id": self.model_id, "attempt": self.attempt, "manifest": s.manifest().to_dict()},
                           separators=(",", ":")) + "\n"
-        study._locks.check_held(self.model_id)
-        study._log.append(self.model_id, self.attempt, line.encode("utf-8"), outputs_digest(row))
-        study._locks.set_hint(self.model_id, self.attempt)
+        self._commit(self, row, line.encode("utf-8"), outputs_digest(row))
         self.saved = True
 
 
