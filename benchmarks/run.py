@@ -641,7 +641,7 @@ def bench_metagradient(t: Table, q: bool) -> None:
                   "<= 2x", singles / 16 / base <= 2.0)
             # the schedules: uniform keeps every state (no recomputation), sqrt about 2 sqrt(T)
             by_schedule = {}
-            for schedule in ("uniform", "sqrt"):
+            for schedule in ("uniform", "sqrt", "log"):
                 model, loader = parts()
                 start = time.perf_counter()
                 res = magic.metagradient(model, loader, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
@@ -651,6 +651,11 @@ def bench_metagradient(t: Table, q: bool) -> None:
             (tu, ku), (ts, ks) = by_schedule["uniform"], by_schedule["sqrt"]
             t.add(f"metagradient, demo CNN: uniform schedule ({ku} states held) vs sqrt ({ks} states held)", tu, ts,
                   "<= 1.0x (never slower)", tu <= ts * 1.02)
+            state_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+            state_bytes += sum(p.numel() * p.element_size() for p in model.parameters())  # the momentum buffers
+            for schedule, (seconds, kept) in by_schedule.items():  # peak memory of the kept states, by schedule
+                t.add(f"metagradient, demo CNN: {schedule} schedule, states held at the peak (whole call {seconds:.2f} s)", kept, None,
+                      "(measured)", True, note=f"{kept} states x {state_bytes / 1e3:.1f} kB = {kept * state_bytes / 1e6:.2f} MB bytes")
             with_torch = [meta(True) for _ in range(1 if q else 3)]
             o = statistics.median(r[0] for r in with_torch)
             t.add("metagradient, demo CNN: torch.optim.SGD + CosineAnnealingLR object vs magic.SGD", o, ours,

@@ -1,7 +1,8 @@
 """A score matrix for a whole test set from one training run, computed across jobs: the run is
 trained once into a store, then the tasks of a seedreg study each compute the metagradients of a
 slice of the test set from that store (no task trains again) and save them as artifacts; the
-slices gathered are the (test examples x training examples) matrix, scored with an LDS.
+slices gathered are the (test examples x training examples) matrix, scored with an LDS (next to
+dattri's TRAK on the same retrains when the attribution extra is installed).
 
     pip install "seedreg[examples]"       # scikit-learn's digits (and dattri, with [attribution])
     python examples/magic_scores_study.py --store runs/magic --root runs/scores --train
@@ -61,6 +62,7 @@ def main() -> int:
     p.add_argument("--gather", action="store_true", help="assemble the score matrix and print its LDS")
     p.add_argument("--check", action="store_true", help="with --gather: compare with the matrix of one process")
     p.add_argument("--subsets", type=int, default=20, help="weight-0 retrains per drop fraction, with --gather")
+    p.add_argument("--trak-seeds", type=int, default=3, help="with --gather and dattri installed: TRAK's models beside ours")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.train:
@@ -88,11 +90,19 @@ def main() -> int:
         whole = trained(args.store).metagradient(lambda f: per_example(f(X_TEST[: args.targets]), Y_TEST[: args.targets]))
         gap = float(np.abs(whole.grad.numpy() - scores).max())
         print(f"largest difference from one process's matrix: {gap:.1e}")
+    others = []  # dattri's TRAK on the same test examples, when the attribution extra is installed
+    try:
+        from magic_vs_trak import dattri_scores
+
+        others = [(f"dattri TRAK ({args.trak_seeds} seeds)", dattri_scores(args.targets, args.trak_seeds)[0])]
+    except ImportError:
+        print('dattri is not installed (pip install -e ".[attribution]"): the metagradient scores alone')
     rng = np.random.default_rng(1)
     for fraction in (0.01, 0.05):
         masks, outputs = retrains(args.targets, args.subsets, fraction, rng, removal=False)
         print(f"single-model LDS at a {fraction:.0%} drop over {args.subsets} weight-0 retrains: "
-              f"{lds_score(scores.T, masks, outputs):.3f}")
+              f"{lds_score(scores.T, masks, outputs):.3f}"
+              + "".join(f"; {name}: {lds_score(s, masks, outputs, sign='helpfulness'):.3f}" for name, s in others))
     return 0
 
 

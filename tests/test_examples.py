@@ -73,6 +73,13 @@ def test_magic_scores_study_gathers_the_single_process_matrix_from_two_tasks(tmp
     assert "largest difference from one process's matrix: 0.0e+00" in out
     lds = [float(v) for v in re.findall(r"weight-0 retrains: (-?[\d.]+)", out)]
     assert len(lds) == 2 and min(lds) > 0.8, out
+    try:  # with the attribution extra, dattri's TRAK is scored beside it on the same retrains
+        import dattri  # noqa: F401
+    except ImportError:
+        assert "dattri is not installed" in out
+    else:
+        trak = [float(v) for v in re.findall(r"dattri TRAK \(3 seeds\): (-?[\d.]+)", out)]
+        assert len(trak) == 2 and max(trak) < min(lds), out
 
 
 @pytest.mark.parametrize("stop_at", [7, 6], ids=["mid-epoch", "epoch-end"])
