@@ -134,7 +134,7 @@ class SeededDataLoader(LoaderKey, DataLoader):
     sampler: DeterministicSampler
     dataset: ExampleSeededDataset
     worker_init_fn: WorkerInit
-    generator: torch.Generator
+    generator: Optional[torch.Generator]
     _keyed: _KeyedBatches
     _instance_id: Any
 
@@ -181,10 +181,11 @@ class SeededDataLoader(LoaderKey, DataLoader):
                 "replay checks nor the position a resume continues from would be defined. Leave in_order=True."
             )
         # straight into __dict__: DataLoader routes every assignment through a Python __setattr__
-        self.__dict__["_keyed"] = _KeyedBatches(self)  # it holds the loader weakly: no reference cycle
-        self.__dict__["_instance_id"] = instance_id
-        if use != 1 or session is not None or before_batch is not None:
-            self.__dict__.update(_use=use, _session=session, _before_batch=before_batch)
+        attributes = self.__dict__
+        attributes["_keyed"] = _KeyedBatches(self)  # it holds the loader weakly: no reference cycle
+        attributes["_instance_id"] = instance_id
+        if session is not None:
+            attributes["_use"], attributes["_session"], attributes["_before_batch"] = use, session, before_batch
         indexed = with_indices or weights is not None or example_weights is not None
         if indexed:
             self._with_indices = with_indices
@@ -201,7 +202,6 @@ class SeededDataLoader(LoaderKey, DataLoader):
             batch_size=batch_size,
             sampler=sampler,
             drop_last=drop_last,
-            generator=torch.Generator(),
             worker_init_fn=WorkerInit(seed, worker_init_fn, rank=sampler.rank, streams=streams),
             **kwargs,
         )
@@ -299,7 +299,10 @@ class SeededDataLoader(LoaderKey, DataLoader):
         self._plan = (epoch, indices)
         # DataLoader draws its workers' base seed from our generator right after this: derive it
         # from (seed, epoch) so that nothing about an epoch depends on what came before it.
-        self.generator.manual_seed(mix_seed(BASE_STREAM, sampler.seed, epoch))
+        generator = self.generator
+        if generator is None:  # made at the first iteration: building a loader is what LDS studies do by the thousand
+            generator = self.generator = torch.Generator()
+        generator.manual_seed(mix_seed(BASE_STREAM, sampler.seed, epoch))
         self.worker_init_fn.epoch = epoch
 
     def __iter__(self) -> _Tracked:  # type: ignore[override]

@@ -30,6 +30,7 @@ from .streaming import SeededIterableLoader, check_iterable_args
 __all__ = ["LoaderBook"]
 
 STATE_VERSION = 2
+_ITERABLE: "weakref.WeakKeyDictionary[type, bool]" = weakref.WeakKeyDictionary()  # dataset class -> is an IterableDataset
 _REFUSED_LOADER_ARGS = {
     "sampler": "the session supplies a DeterministicSampler; pass shuffle= and subset= instead",
     "batch_sampler": "the session batches its own sampler; pass batch_size= and drop_last= instead",
@@ -70,14 +71,17 @@ class LoaderBook:
 
     # -- building --------------------------------------------------------------------------------
 
-    def build(self, dataset: Any, instance_id: InstanceId, *, batch_size: Optional[int], shuffle: bool, num_workers: int,
+    def build(self, dataset: Any, instance_id: InstanceId, batch_size: Optional[int], shuffle: bool, num_workers: int,
               drop_last: bool, seed_per_example: bool, subset: Any, subset_mode: str, with_indices: bool,
-              example_weights: Optional[torch.Tensor], **dataloader_kwargs: Any) -> Any:
+              example_weights: Optional[torch.Tensor], dataloader_kwargs: Dict[str, Any]) -> Any:
         """``SeedSession.build_dataloader``: its arguments checked, the loader built and recorded."""
         if dataloader_kwargs and not _REFUSED_LOADER_ARGS.keys().isdisjoint(dataloader_kwargs):
             name = next(n for n in _REFUSED_LOADER_ARGS if n in dataloader_kwargs)
             raise TypeError(f"build_dataloader() does not take `{name}`: {_REFUSED_LOADER_ARGS[name]}.")
-        iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+        kind = type(dataset)
+        iterable = _ITERABLE.get(kind)
+        if iterable is None:  # an ABC check, once per dataset class (LDS studies build loaders by the thousand)
+            iterable = _ITERABLE[kind] = isinstance(dataset, torch.utils.data.IterableDataset)
         if not iterable and (not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__")):
             raise TypeError(
                 f"`dataset` must be a map-style dataset (with __getitem__ and __len__) or a torch IterableDataset, "
@@ -85,9 +89,11 @@ class LoaderBook:
             )
         instance_id = check_instance_id(instance_id)
         self.setup.warn_if_not_set_up("build_dataloader")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size is not None and not (type(batch_size) is int and batch_size >= 1) and (
+                isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"`batch_size` must be an int >= 1 or None, got {batch_size!r}.")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        if not (type(num_workers) is int and num_workers >= 0) and (
+                isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0):
             raise ValueError(f"`num_workers` must be an int >= 0, got {num_workers!r}.")
         if not (type(shuffle) is type(drop_last) is type(seed_per_example) is type(with_indices) is bool):
             flags = (("shuffle", shuffle), ("drop_last", drop_last), ("seed_per_example", seed_per_example), ("with_indices", with_indices))

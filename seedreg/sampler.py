@@ -95,6 +95,7 @@ class DeterministicSampler(Sampler[int]):
         subset: Union[None, Sequence[int], np.ndarray] = None,
     ) -> None:
         self.dataset_size = _check_int("dataset_size", dataset_size, 0)
+        self.data_source = range(self.dataset_size)  # what a RandomSampler holds (a shuffling one is seen as one)
         if not isinstance(shuffle, bool):
             raise TypeError(f"`shuffle` must be a bool, got {shuffle!r}.")
         self.shuffle = shuffle
@@ -263,7 +264,3 @@ class _ShufflingSampler(DeterministicSampler, RandomSampler):
     num_samples = 0  # an instance attribute (set in __init__), not RandomSampler's property
     replacement = False
     generator = None
-
-    def __init__(self, dataset_size: int, **kwargs: Any) -> None:
-        super().__init__(dataset_size, **kwargs)
-        self.data_source = range(self.dataset_size)

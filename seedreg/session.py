@@ -300,11 +300,8 @@ class SeedSession:
         - The loader reports to the session while the program holds it: ``state_dict()`` and the
           manifest include it.
         """
-        return self._book.build(
-            dataset, instance_id, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
-            seed_per_example=seed_per_example, subset=subset, subset_mode=subset_mode, with_indices=with_indices,
-            example_weights=example_weights, **dataloader_kwargs,
-        )
+        return self._book.build(dataset, instance_id, batch_size, shuffle, num_workers, drop_last, seed_per_example, subset,
+                                subset_mode, with_indices, example_weights, dataloader_kwargs)
 
     def subset_mask(self, num_examples: int, alpha: float, instance_id: InstanceId, *, mode: str = "fixed") -> np.ndarray:
         """A deterministic bool mask over `num_examples` for LDS model `instance_id`: "fixed" keeps
