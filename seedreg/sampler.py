@@ -9,7 +9,7 @@ It follows :class:`torch.utils.data.DistributedSampler` where the two overlap: `
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
@@ -95,7 +95,7 @@ class DeterministicSampler(Sampler[int]):
         subset: Union[None, Sequence[int], np.ndarray] = None,
     ) -> None:
         self.dataset_size = _check_int("dataset_size", dataset_size, 0)
-        self.data_source = range(self.dataset_size)  # what a RandomSampler holds (a shuffling one is seen as one)
+        self.data_source: Sized = range(self.dataset_size)  # what a RandomSampler holds (a shuffling one is seen as one)
         if not isinstance(shuffle, bool):
             raise TypeError(f"`shuffle` must be a bool, got {shuffle!r}.")
         self.shuffle = shuffle
