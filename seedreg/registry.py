@@ -212,8 +212,8 @@ class Registry:
 
     def _check_process(self, purpose: str, instance_id: InstanceId) -> None:
         if os.getpid() == self._pid:
-            worker = sys.modules.get("torch.utils.data._utils.worker")  # torch's, once a loader ran
-            if worker is None or getattr(worker, "_worker_info", None) is None:
+            data = sys.modules.get("torch.utils.data")  # imported by then, if this is a loader's worker
+            if data is None or data.get_worker_info() is None:
                 return
         raise SeedregError(
             f"a seed for (purpose={purpose!r}, instance_id={instance_id!r}) was requested inside a DataLoader "

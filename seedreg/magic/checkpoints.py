@@ -248,7 +248,7 @@ class StepCheckpoints:
         return torch.tensor(loader.indices_at(step)[1], dtype=torch.long), raw
 
     def _trace(self) -> Any:
-        trace = getattr(self.session, "_trace", None)
+        trace = self.session.current_trace
         return trace if trace is not None and trace.model is self.model else None
 
     def _run(self, start: int, stop: int, step_fn: Callable[..., Any], *, check: bool = False) -> None:
