@@ -204,7 +204,7 @@ class SeedSession:
         the manifest; a replaying session compares it with the recorded one (strict: a difference
         raises :class:`ReplayMismatchError`; the report lists matched, mismatched and missing).
 
-        >>> s = SeedSession(0).setup()
+        >>> s = SeedSession(0)
         >>> s.record_result("final_loss", 0.125)
         {'name': 'final_loss', 'kind': 'value', 'value': 0.125}
         """
