@@ -43,7 +43,6 @@ class Builders:
     def __init__(self, registry: Registry, setup: GlobalSetup) -> None:
         self.registry = registry
         self.setup = setup
-        self._first_weights: Dict[InstanceId, str] = {}  # each model key's first fingerprint
         self._told: Set[InstanceId] = set()  # keys warned of as an ensemble over one key
 
     def _in_fork(self, purpose: str, instance_id: InstanceId, build: Callable[[], Any]) -> Tuple[Any, InstanceId, int]:
@@ -61,22 +60,20 @@ class Builders:
             raise TypeError(f"`factory` must be callable (a model class or a function), got {factory!r}.")
         model, instance_id, use = self._in_fork("model", instance_id, lambda: factory(**kwargs))
         if isinstance(model, torch.nn.Module):
-            weights = fingerprint(model)
             details = {
                 "class": f"{type(model).__module__}.{type(model).__qualname__}",
                 "compiled": hasattr(model, "_orig_mod"),
-                "fingerprint": weights,
+                "fingerprint": fingerprint(model),
                 "parameters": int(sum(p.numel() for p in model.parameters())),
             }
-            self.registry.detail("model", instance_id, use, details)
-            self._same_model_again(instance_id, use, weights)
+            if self.registry.detail("model", instance_id, use, details):
+                self._same_model_again(instance_id, use)
         return model
 
-    def _same_model_again(self, instance_id: InstanceId, use: int, weights: str) -> None:
-        """Warn once per key when a model built again on a key has the first one's weights (an
+    def _same_model_again(self, instance_id: InstanceId, use: int) -> None:
+        """Warn once per key that a model was built again with the previous build's weights (an
         ensemble looped over one key is N copies of one model)."""
-        first = self._first_weights.setdefault(instance_id, weights)
-        if use == 1 or first != weights or instance_id in self._told:
+        if instance_id in self._told:
             return
         self._told.add(instance_id)
         warnings.warn(

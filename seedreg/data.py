@@ -184,8 +184,7 @@ class SeededDataLoader(LoaderKey, DataLoader):
         attributes = self.__dict__
         attributes["_keyed"] = _KeyedBatches(self)  # it holds the loader weakly: no reference cycle
         attributes["_instance_id"] = instance_id
-        if session is not None:
-            attributes["_use"], attributes["_session"], attributes["_before_batch"] = use, session, before_batch
+        attributes["_use"], attributes["_session"], attributes["_before_batch"] = use, session, before_batch
         indexed = with_indices or weights is not None or example_weights is not None
         if indexed:
             self._with_indices = with_indices

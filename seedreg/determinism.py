@@ -173,15 +173,12 @@ class GlobalSetup:
         self.is_set_up = False
         self.warned = False
 
-    def apply(self, global_seed: int) -> bool:
-        """Seed the global generators with `global_seed` and apply the settings; False (nothing
-        done) if this setup was applied already."""
-        if self.is_set_up:
-            return False
+    def apply(self, global_seed: int) -> None:
+        """Seed the global generators with `global_seed` and apply the settings (the session calls
+        it once: ``setup()`` returns early when :attr:`is_set_up`)."""
         seed_globals(global_seed)
         self.applied = {"global_seed": global_seed, **apply_settings(self.settings, self.violations)}
         self.is_set_up = True
-        return True
 
     def __getstate__(self) -> Dict[str, Any]:
         # a copy in another process (a spawned worker) has seen no violation there yet

@@ -149,8 +149,9 @@ class Registry:
             replay.check_use(key, number, kind)
         return seed, number
 
-    def detail(self, purpose: str, instance_id: InstanceId, number: int, details: Mapping[str, Any], *, ignore: Tuple[str, ...] = ()) -> None:
-        """Attach what use `number` of the key seeded (a model's fingerprint, a loader's settings).
+    def detail(self, purpose: str, instance_id: InstanceId, number: int, details: Mapping[str, Any], *, ignore: Tuple[str, ...] = ()) -> bool:
+        """Attach what use `number` of the key seeded (a model's fingerprint, a loader's settings);
+        True when they equal the key's previous use's (the same thing built again).
 
         `ignore` names fields a replay need not match (a loader's ``num_workers`` when every
         example has its own random streams). A key built again with other details is logged once.
@@ -167,7 +168,7 @@ class Registry:
                 replay = self.replay
                 if replay is not None:
                     replay.check_details(key, number, details, ignore)
-                return
+                return True
             if last is not None and last[0] + last[3] - 1 == number:  # the use was logged (another kind)
                 kind = last[1]
                 if last[3] > 1:  # split it off its run
@@ -209,6 +210,7 @@ class Registry:
             )
         if self.replay is not None:
             self.replay.check_details(key, number, details, ignore)
+        return previous == details
 
     def _check_process(self, purpose: str, instance_id: InstanceId) -> None:
         if os.getpid() == self._pid:
