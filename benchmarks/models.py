@@ -1,4 +1,4 @@
-"""Models the benchmarks build: a ResNet-9 (the seed document's model) and a small CNN."""
+"""Models the benchmarks build: a ResNet-9 (the seed document's model) and small CNNs."""
 
 import torch
 from torch import nn
@@ -32,4 +32,16 @@ def resnet9(num_classes: int = 10) -> nn.Module:
         nn.AdaptiveMaxPool2d(1),
         nn.Flatten(),
         nn.Linear(512, num_classes),
+    )
+
+
+def small_cnn(num_classes: int = 4) -> nn.Module:
+    """A small CNN of the kind attribution papers train from scratch: two convolution blocks with
+    BatchNorm, ReLU and max-pooling, dropout, a linear head (16x16 inputs)."""
+    return nn.Sequential(
+        conv_bn(3, 16, pool=True),
+        conv_bn(16, 32, pool=True),
+        nn.Flatten(),
+        nn.Dropout(0.25),
+        nn.Linear(32 * 4 * 4, num_classes),
     )

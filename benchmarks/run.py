@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from models import resnet9  # noqa: E402
+from models import resnet9, small_cnn  # noqa: E402
 
 from seedreg import DeterministicSampler, Manifest, SeedRecord, SeedregWarning, SeedSession, derive_seed  # noqa: E402
 from seedreg.demo import TinyCNN, ToyImages  # noqa: E402
@@ -589,6 +589,9 @@ def bench_metagradient(t: Table, q: bool) -> None:
         ("small MLP", mlp, torch.utils.data.TensorDataset(torch.randn(400 if q else 2_000, 32), torch.randint(0, 4, (400 if q else 2_000,))),
          torch.randn(8, 32), torch.randint(0, 4, (8,))),
         ("demo CNN", TinyCNN, ToyImages(64 if q else 512), *next(iter(DataLoader(ToyImages(8, augment=False), batch_size=8)))),
+        # the CNN: BatchNorm, dropout, max-pooling; 50 batches an epoch, 150 steps
+        ("small CNN", small_cnn, ToyImages(64 if q else 1_600, size=16),
+         *next(iter(DataLoader(ToyImages(8, size=16, augment=False), batch_size=8)))),
     )
     epochs = 1 if q else 3
     for name, factory, data, x_test, y_test in cases:
@@ -630,6 +633,9 @@ def bench_metagradient(t: Table, q: bool) -> None:
               ours / base <= 3.0)
         backward = statistics.median(r[1].stats["seconds_backward"] for r in runs)
         t.add(f"metagradient, {name}: the reverse pass alone vs one training run", backward, base, "<= 2x", backward / base <= 2.0)
+        for part, what in (("replay", "re-running the steps with their graphs"), ("vjp", "the VJPs through them")):
+            seconds = statistics.median(r[1].stats[f"seconds_{part}"] for r in runs)
+            t.add(f"metagradient, {name}: of the reverse pass, {what}, vs one training run", seconds, base, "(measured)", True)
         if name == "demo CNN":
             model, loader = parts()
             run = magic.train(model, loader, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), epochs=epochs,

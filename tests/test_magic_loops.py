@@ -106,13 +106,14 @@ class Run:
         sched = self.scheduler(opt, steps) if self.scheduler else None
         return s, model, loader, opt, sched
 
-    def metagradient(self) -> Any:
+    def metagradient(self, schedule: str = "sqrt") -> Any:
         _, model, loader, opt, sched = self.parts()
         extra = {"example_losses": dict_losses} if self.as_dict else {"loss": per_example}
         if self.model is not Net:
             extra = {"example_losses": self.losses}
         result = magic.metagradient(model, loader, opt, epochs=EPOCHS, target=self.target, scheduler=sched,
-                                    max_grad_norm=self.max_grad_norm, accumulate=self.accumulate, **extra)
+                                    max_grad_norm=self.max_grad_norm, accumulate=self.accumulate, schedule=schedule,
+                                    **extra)
         return result, opt, sched
 
     def retrain(self, weights: Optional[torch.Tensor] = None) -> Any:
@@ -274,21 +275,39 @@ def test_a_transformer_encoder_layer_with_frozen_embeddings_adamw_warmup_and_cli
     assert torch.equal(result.model.embed.weight, run.parts()[1].embed.weight)  # frozen: as built
 
 
-def test_a_reverse_pass_whose_kept_steps_do_not_reproduce_the_run_recomputes_them_exactly(monkeypatch) -> None:
+def test_the_three_schedules_give_the_same_metagradient() -> None:
+    """uniform (a state every step: its steps are run together in spans of sqrt(steps), each span's
+    start restored once), sqrt (kept graphs) and log (recomputed by bisection) differentiate the
+    same run."""
+    results = {schedule: Run(two_groups).metagradient(schedule)[0] for schedule in ("uniform", "sqrt", "log")}
+    steps = results["sqrt"].stats["steps"]
+    assert steps > math.ceil(math.sqrt(steps))  # more than one span
+    for schedule, result in results.items():
+        assert torch.allclose(result.grad, results["sqrt"].grad, rtol=0, atol=1e-12), schedule
+        assert result.target == results["sqrt"].target, schedule
+        stats = result.stats  # where the reverse pass spent its time
+        assert 0 < stats["seconds_replay"] and 0 < stats["seconds_vjp"], schedule
+        assert stats["seconds_replay"] + stats["seconds_vjp"] <= stats["seconds_backward"], schedule
+    assert results["uniform"].stats["graphs_kept"] is True and results["sqrt"].stats["graphs_kept"] is True
+    assert results["uniform"].stats["states_kept"] <= steps + 1 + math.ceil(math.sqrt(steps))  # every state, one span's steps
+
+
+@pytest.mark.parametrize("schedule", ["sqrt", "uniform"])
+def test_a_reverse_pass_whose_kept_steps_do_not_reproduce_the_run_recomputes_them_exactly(monkeypatch, schedule) -> None:
     """A model whose differentiated forward is not bit for bit its training forward (here: 1e-12 added
-    when its parameters are swapped for copies): the kept segment is refused at its checkpoint, every
+    when its parameters are swapped for copies): the kept span is refused at its checkpoint, every
     step is recomputed from the restored state, and the result is that of the exact pass."""
     class Odd(Net):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             out = super().forward(x)
             return out if isinstance(self.fc1.weight, torch.nn.Parameter) else out + 1e-12
 
-    result = Run(two_groups, model=Odd).metagradient()[0]
+    result = Run(two_groups, model=Odd).metagradient(schedule)[0]
     assert result.stats["graphs_kept"] is False
     import sys
 
     monkeypatch.setattr(sys.modules["seedreg.magic.replayed"].RunCheckpoints, "kept_graphs", False)
-    exact = Run(two_groups, model=Odd).metagradient()[0]
+    exact = Run(two_groups, model=Odd).metagradient(schedule)[0]
     assert torch.equal(result.grad, exact.grad)
     plain = Run(two_groups, model=Odd).retrain()[0]
     assert all(torch.equal(result.model.state_dict()[k], v) for k, v in plain.state_dict().items())

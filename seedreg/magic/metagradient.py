@@ -29,10 +29,11 @@ class MetagradientResult:
     - ``target``: the target's value after training (a list of k values for a vector target);
     - ``model``: the trained model (its parameters and buffers as after the last step);
     - ``stats``: ``steps``, ``states_kept`` (the most training states held at once),
-      ``seconds_forward``, ``seconds_backward``, ``reverse_passes``, ``graphs_kept`` (whether the
-      reverse pass kept each segment's graphs, or recomputed its steps exactly because the kept
-      steps did not reproduce the run bit for bit) and ``trained`` (whether this call trained:
-      False when a :class:`Trained` run is asked again);
+      ``seconds_forward``, ``seconds_backward`` (of which ``seconds_replay`` re-ran training steps
+      from their checkpoints and ``seconds_vjp`` pulled the adjoint back through them),
+      ``reverse_passes``, ``graphs_kept`` (whether the reverse pass kept each segment's graphs, or
+      recomputed its steps exactly because the kept steps did not reproduce the run bit for bit)
+      and ``trained`` (whether this call trained: False when a :class:`Trained` run is asked again);
     - ``sign``: ``"loss"``, the convention of ``grad`` (d target / d w: positive when weighting the
       example up raises the target). dattri and TRAK give "helpfulness" (the opposite sign for a
       loss): ``lds_score(..., sign=result.sign)`` scores either correctly.
@@ -147,14 +148,18 @@ class Trained:
         weights = self._stepper.weights
         grad = torch.zeros((k, *weights.shape), dtype=weights.dtype, device=weights.device)
         passes = 0
+        timings: List[Dict[str, float]] = []  # each reverse pass's seconds replaying steps and in their VJPs
         if any(bool(g.any()) for g in (*param_grads, *stat_grads)):  # else exactly 0: the reverse pass is linear
             size = k if chunk is None else chunk
             for lo in range(0, k, size):
                 grad[lo : lo + size] = self._reverse([g[lo : lo + size] for g in param_grads], [g[lo : lo + size] for g in stat_grads])
+                timings.append(self._checkpoints.seconds)
                 passes += 1
         self.model.train(self._was_training)
-        stats = {**self.stats, "seconds_backward": time.perf_counter() - started, "reverse_passes": passes,
-                 "states_kept": self._checkpoints.peak_states, "graphs_kept": self._checkpoints.kept_graphs}
+        seconds = {part: sum(t[part] for t in timings) for part in ("replay", "vjp")}
+        stats = {**self.stats, "seconds_backward": time.perf_counter() - started, "seconds_replay": seconds["replay"],
+                 "seconds_vjp": seconds["vjp"], "reverse_passes": passes, "states_kept": self._checkpoints.peak_states,
+                 "graphs_kept": self._checkpoints.kept_graphs}
         return MetagradientResult(grad=grad[0] if value.dim() == 0 else grad,
                                   target=float(value) if value.dim() == 0 else value.tolist(), model=self.model, stats=stats)
 

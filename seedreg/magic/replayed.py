@@ -4,10 +4,11 @@ once with its graphs kept when it reproduces the run (see :mod:`seedreg.magic`).
 
 from __future__ import annotations
 
+import math
 import pathlib
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -55,6 +56,7 @@ class RunCheckpoints(StepCheckpoints):
     and keeps its states in a run store's directory (claimed, or adopted from another process)."""
 
     batches: BatchCache
+    seconds: Dict[str, float]  # the last reverse pass's: re-running steps ("replay"), their VJPs ("vjp")
 
     def claim(self, directory: pathlib.Path) -> None:
         """Keep states in `directory`, replacing the states of an interrupted run of this store."""
@@ -64,24 +66,37 @@ class RunCheckpoints(StepCheckpoints):
     kept_graphs = True  # False once a kept segment did not reproduce the run (then: recomputed exactly)
 
     def reverse_kept(self, stepper: Stepper, adjoint: Adjoint, progress: "Progress", final: Dict[str, Any]) -> None:
-        """The reverse pass, each segment's steps taken once with their graphs kept and then pulled
-        back in reverse, when the segment reproduces the run bit for bit (checked against the next
-        checkpoint, or the trained state); otherwise, and for the log schedule, recomputed exactly
-        (the state before each step restored, the step differentiated again)."""
+        """The reverse pass, each span's steps (see :meth:`_spans`) taken once with their graphs
+        kept and then pulled back in reverse, when the span reproduces the run bit for bit (checked
+        against the next span's checkpoint, or the trained state); otherwise, and for the log
+        schedule, recomputed exactly (the state before each step restored, the step differentiated
+        again)."""
         done = [0]
+        self.seconds = {"replay": 0.0, "vjp": 0.0}  # re-running steps; differentiating them and pulling back
+
+        def timed(part: str, fn: Callable[..., Any], *args: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.seconds[part] += time.perf_counter() - started
 
         def pull(s: int, indices: torch.Tensor, batch: Any) -> None:
-            stepper.pull(s, indices, batch, adjoint)
+            timed("vjp", stepper.pull, s, indices, batch, adjoint)
             done[0] += 1
             progress("backward", done[0])
 
+        def take(s: int, indices: torch.Tensor, batch: Any) -> None:
+            timed("replay", stepper.take, s, indices, batch)
+
         if self.every is None:
-            self.reverse(pull, forward=stepper.take)
+            self.reverse(pull, forward=take)
             return
-        # the state each kept segment must end in: the trained state, then each later segment's start
+        # the state each kept span must end in: the trained state, then each later span's start
         # (read once: a store's states are not read from disk twice)
         expected = self._get(self.done)["model"] if self.done in self.saved else final["model"]
-        for lo, hi in reversed(self._segments()):
+        for span in reversed(self._spans()):
+            lo, hi = span[0][0], span[-1][1]
             records: Optional[List[Any]] = None
             if self.kept_graphs:
                 start = self._get(lo)
@@ -89,20 +104,34 @@ class RunCheckpoints(StepCheckpoints):
                 records = []
                 for s in range(lo, hi):
                     indices, batch = self._batch(s)
-                    records.append(stepper.advance(s, indices, batch))
+                    records.append(timed("replay", stepper.advance, s, indices, batch))
                     self.peak_states = max(self.peak_states, len(self.saved) + len(records))
                 now = self.model.state_dict()
                 if not stepper.ranks.all_agree(all(torch.equal(now[k], v) for k, v in expected.items())):
                     records, self.kept_graphs = None, False
                 expected = start["model"]
             if records is None:
-                self._reverse_segment(lo, hi, pull, stepper.take)
+                for a, b in reversed(span):
+                    self._reverse_segment(a, b, pull, take)
                 continue
             for s in reversed(range(lo, hi)):
-                adjoint.pull(records.pop(), stepper.weights)
+                timed("vjp", adjoint.pull, records.pop(), stepper.weights)
                 done[0] += 1
                 progress("backward", done[0])
         self.loader.seek(0)
+
+    def _spans(self) -> List[List[Tuple[int, int]]]:
+        """The segments between checkpoints, run together where they are shorter than sqrt(steps)
+        (the uniform schedule keeps a state every step): each span's graphs are kept at once, its
+        start restored once; a span is at most ``ceil(sqrt(steps))`` steps or one segment."""
+        longest = max(1, math.ceil(math.sqrt(self.done)))
+        spans: List[List[Tuple[int, int]]] = []
+        for lo, hi in self._segments():
+            if spans and hi - spans[-1][0][0] <= longest:
+                spans[-1].append((lo, hi))
+            else:
+                spans.append([(lo, hi)])
+        return spans
 
     def adopt(self, directory: pathlib.Path, run: str, saved: List[int], done: int) -> None:
         """Read the states another process wrote for this run (each checked against its digest)."""

@@ -141,7 +141,8 @@ class Stepper:
                 f"the per-example losses must be a tensor of shape ({len(indices)},) (one per example of the batch), got "
                 f"{got}; with `loss=` pass reduction='none' (F.cross_entropy(out, y, reduction='none'))."
             )
-        return (weights[indices.to(weights.device)] * per_example).mean() / self.accumulate
+        loss = (weights[indices.to(weights.device)] * per_example).mean()
+        return loss if self.accumulate == 1 else loss / self.accumulate
 
     def take(self, step: int, indices: torch.Tensor, batch: Any) -> None:
         """Step `step` as a plain loop takes it: zero the gradients at an optimizer step's first
@@ -215,14 +216,16 @@ class Stepper:
 
         def hook(module: Any, args: Tuple[Any, ...], *, name: str, buffers: Dict[str, torch.Tensor]) -> None:
             inp = args[0]
-            dims = [0] + list(range(2, inp.dim()))
-            count = inp.numel() // inp.shape[1]
-            mean = inp.mean(dims)
-            var = inp.var(dims, unbiased=False) * (count / max(count - 1, 1))
-            tracked = buffers[name + "num_batches_tracked"]
-            factor = module.momentum if module.momentum is not None else 1.0 / float(tracked.item() + 1)
-            new_stats[name + "running_mean"] = (1 - factor) * stats[name + "running_mean"] + factor * mean
-            new_stats[name + "running_var"] = (1 - factor) * stats[name + "running_var"] + factor * var
+            dims = [0, *range(2, inp.dim())]
+            mean = inp.mean(dims, keepdim=True)
+            # the unbiased variance running_var tracks, spelled out: torch's var over several
+            # dimensions is several times slower on the CPU (only its derivative is used here)
+            var = (inp - mean).square().sum(dims) / max(inp.numel() // inp.shape[1] - 1, 1)
+            factor = module.momentum
+            if factor is None:  # a cumulative average
+                factor = 1.0 / float(buffers[name + "num_batches_tracked"].item() + 1)
+            new_stats[name + "running_mean"] = torch.lerp(stats[name + "running_mean"], mean.reshape(-1), factor)
+            new_stats[name + "running_var"] = torch.lerp(stats[name + "running_var"], var, factor)
 
         return self._call(params, self.losses, (batch,), {}, hook, pre=True, live=live), new_stats
 

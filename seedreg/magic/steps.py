@@ -120,12 +120,18 @@ class TorchSteps:
                 continue
             g = -g if h["maximize"] else g
             if h["weight_decay"] != 0:
-                g = g + h["weight_decay"] * p
-            if h["momentum"] != 0:
-                buf = g if buf is None else buf * h["momentum"] + g * (1 - h["dampening"])
-                g = g + h["momentum"] * buf if h["nesterov"] else buf
+                g = torch.add(g, p, alpha=h["weight_decay"])
+            momentum, dampening = h["momentum"], h["dampening"]
+            if momentum != 0:  # (fused multiply-adds: fewer graph nodes for the reverse pass to walk)
+                if buf is None:
+                    buf = g
+                elif dampening == 0:
+                    buf = torch.add(g, buf, alpha=momentum)
+                else:
+                    buf = torch.add(buf * momentum, g, alpha=1 - dampening)
+                g = torch.add(g, buf, alpha=momentum) if h["nesterov"] else buf
             new_slots.append(buf)
-            new_params.append(p - float(h["lr"]) * g)
+            new_params.append(torch.add(p, g, alpha=-float(h["lr"])))
         return new_params, new_slots
 
     def _adam(self, params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]], slots: Slots,
