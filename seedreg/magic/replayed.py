@@ -4,7 +4,6 @@ once with its graphs kept when it reproduces the run (see :mod:`seedreg.magic`).
 
 from __future__ import annotations
 
-import math
 import pathlib
 import sys
 import time
@@ -66,11 +65,10 @@ class RunCheckpoints(StepCheckpoints):
     kept_graphs = True  # False once a kept segment did not reproduce the run (then: recomputed exactly)
 
     def reverse_kept(self, stepper: Stepper, adjoint: Adjoint, progress: "Progress", final: Dict[str, Any]) -> None:
-        """The reverse pass, each span's steps (see :meth:`_spans`) taken once with their graphs
-        kept and then pulled back in reverse, when the span reproduces the run bit for bit (checked
-        against the next span's checkpoint, or the trained state); otherwise, and for the log
-        schedule, recomputed exactly (the state before each step restored, the step differentiated
-        again)."""
+        """The reverse pass, each segment's steps taken once with their graphs kept and then pulled
+        back in reverse, when the segment reproduces the run bit for bit (checked against the next
+        checkpoint, or the trained state); otherwise, and for the log schedule, recomputed exactly
+        (the state before each step restored, the step differentiated again)."""
         done = [0]
         self.seconds = {"replay": 0.0, "vjp": 0.0}  # re-running steps; differentiating them and pulling back
 
@@ -92,11 +90,10 @@ class RunCheckpoints(StepCheckpoints):
         if self.every is None:
             self.reverse(pull, forward=take)
             return
-        # the state each kept span must end in: the trained state, then each later span's start
+        # the state each kept segment must end in: the trained state, then each later segment's start
         # (read once: a store's states are not read from disk twice)
         expected = self._get(self.done)["model"] if self.done in self.saved else final["model"]
-        for span in reversed(self._spans()):
-            lo, hi = span[0][0], span[-1][1]
+        for lo, hi in reversed(self._segments()):
             records: Optional[List[Any]] = None
             if self.kept_graphs:
                 start = self._get(lo)
@@ -111,27 +108,13 @@ class RunCheckpoints(StepCheckpoints):
                     records, self.kept_graphs = None, False
                 expected = start["model"]
             if records is None:
-                for a, b in reversed(span):
-                    self._reverse_segment(a, b, pull, take)
+                self._reverse_segment(lo, hi, pull, take)
                 continue
             for s in reversed(range(lo, hi)):
                 timed("vjp", adjoint.pull, records.pop(), stepper.weights)
                 done[0] += 1
                 progress("backward", done[0])
         self.loader.seek(0)
-
-    def _spans(self) -> List[List[Tuple[int, int]]]:
-        """The segments between checkpoints, run together where they are shorter than sqrt(steps)
-        (the uniform schedule keeps a state every step): each span's graphs are kept at once, its
-        start restored once; a span is at most ``ceil(sqrt(steps))`` steps or one segment."""
-        longest = max(1, math.ceil(math.sqrt(self.done)))
-        spans: List[List[Tuple[int, int]]] = []
-        for lo, hi in self._segments():
-            if spans and hi - spans[-1][0][0] <= longest:
-                spans[-1].append((lo, hi))
-            else:
-                spans.append([(lo, hi)])
-        return spans
 
     def adopt(self, directory: pathlib.Path, run: str, saved: List[int], done: int) -> None:
         """Read the states another process wrote for this run (each checked against its digest)."""
