@@ -120,8 +120,8 @@ class TorchSteps:
                 continue
             g = -g if h["maximize"] else g
             if h["weight_decay"] != 0:
-                g = torch.add(g, p, alpha=h["weight_decay"])
-            momentum, dampening = h["momentum"], h["dampening"]
+                g = torch.add(g, p, alpha=float(h["weight_decay"]))
+            momentum, dampening = float(h["momentum"]), float(h["dampening"])
             if momentum != 0:  # (fused multiply-adds: fewer graph nodes for the reverse pass to walk)
                 if buf is None:
                     buf = g
