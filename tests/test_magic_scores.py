@@ -89,17 +89,19 @@ def test_a_run_killed_while_training_is_trained_again_and_a_second_trainer_is_to
     whole = stored(tmp_path / "whole")
     again = stored(tmp_path / "run")  # the killed process is gone: its lock is stale, the run trains
     assert again["trained"] is True and (again["weights"], again["grad"]) == (whole["weights"], whole["grad"])
-    slow = subprocess.Popen([sys.executable, SCRIPTS / "magic_store.py", tmp_path / "busy", "--hold", "0.5"],
+    go = tmp_path / "go"  # the busy trainer holds its first step until the second has been told
+    slow = subprocess.Popen([sys.executable, SCRIPTS / "magic_store.py", tmp_path / "busy", "--wait-for", go],
                             env=child_env(), stdout=subprocess.PIPE, text=True)
     try:
         import time
 
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while not (tmp_path / "busy" / "training.lock").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         told = stored(tmp_path / "busy", code=3)["error"]
         assert "is training the run" in told and "call magic.train again when it has finished" in told
     finally:
+        go.touch()
         slow.wait(120)
     assert json.loads(slow.stdout.read().strip().splitlines()[-1])["trained"] is True
     assert stored(tmp_path / "busy")["trained"] is False

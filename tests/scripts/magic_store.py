@@ -1,6 +1,6 @@
 """A run kept in a store, for tests/test_magic_scores.py: train (or reuse) it, print what it gives.
 
-    python magic_store.py STORE [--lr LR] [--die-after CALLS] [--hold SECONDS]
+    python magic_store.py STORE [--lr LR] [--die-after CALLS] [--wait-for FILE]
 """
 
 import argparse
@@ -25,7 +25,7 @@ def main() -> int:
     p.add_argument("store")
     p.add_argument("--lr", type=float, default=0.15)
     p.add_argument("--die-after", type=int)
-    p.add_argument("--hold", type=float, default=0.0)
+    p.add_argument("--wait-for", help="hold the first training step until this file exists (a trainer still busy)")
     a = p.parse_args()
     torch.set_num_threads(1)
 
@@ -39,8 +39,10 @@ def main() -> int:
         calls[0] += 1
         if a.die_after is not None and calls[0] > a.die_after:
             os.kill(os.getpid(), signal.SIGKILL)  # killed mid-training
-        if a.hold and calls[0] <= 8:  # the training steps only
-            time.sleep(a.hold)
+        if a.wait_for and calls[0] == 1:  # training, the lock taken: held until the test says go
+            deadline = time.monotonic() + 300
+            while not os.path.exists(a.wait_for) and time.monotonic() < deadline:
+                time.sleep(0.02)
         x, y = batch
         return F.cross_entropy(model(x), y, reduction="none")
 
