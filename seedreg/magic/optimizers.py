@@ -89,7 +89,7 @@ class SGD:
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     """sqrt with the same values, and derivative 0 (not infinity) where x is exactly 0."""
     positive = x > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, 1.0)), 0.0)
 
 
 class AdamW:

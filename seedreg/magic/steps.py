@@ -152,17 +152,16 @@ class TorchSteps:
                 else:
                     g = g + wd * p
             first, sq, top = firsts[i], seconds[i], maxima[i]
-            m = torch.zeros_like(p) if first is None else first
-            v = torch.zeros_like(p) if sq is None else sq
-            m = m + (1 - beta1) * (g - m)
-            v = v * beta2 + (1 - beta2) * g * g
+            # torch's lerp and addcmul as single ops (fewer graph nodes for the reverse pass to walk)
+            m = g * (1 - beta1) if first is None else torch.lerp(first, g, 1 - beta1)
+            v = g * g * (1 - beta2) if sq is None else torch.addcmul(sq * beta2, g, g, value=1 - beta2)
             firsts[i], seconds[i] = m, v
             second = v
             if h["amsgrad"]:
                 second = torch.maximum(torch.zeros_like(p) if top is None else top, v)
                 maxima[i] = second
-            denom = safe_sqrt(second) / ((1 - beta2**t) ** 0.5) + eps
-            new_params.append(p - (lr / (1 - beta1**t)) * m / denom)
+            denom = safe_sqrt(second).div((1 - beta2**t) ** 0.5).add(eps)
+            new_params.append(torch.addcdiv(p, m, denom, value=-lr / (1 - beta1**t)))
         return new_params, firsts + seconds + maxima
 
 
