@@ -20,8 +20,10 @@ import argparse
 import os
 import sys
 
-import numpy as np
-import torch
+os.environ.setdefault("TQDM_DISABLE", "1")  # dattri's progress bars (tqdm reads it when imported: torch imports it)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

@@ -27,14 +27,15 @@ import argparse
 import os
 import warnings
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+os.environ.setdefault("TQDM_DISABLE", "1")  # dattri's progress bars (tqdm reads it when imported: torch imports it)
 
-from seedreg import SeedSession, lds_score, magic
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from seedreg import SeedSession, lds_score, magic  # noqa: E402
 
 TRAIN, EPOCHS, BATCH, LR = 400, 3, 40, 0.05
-os.environ.setdefault("TQDM_DISABLE", "1")  # dattri's progress bars
 
 
 def digits():

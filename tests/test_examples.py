@@ -68,7 +68,9 @@ def test_magic_scores_study_gathers_the_single_process_matrix_from_two_tasks(tmp
     outs = [t.communicate(timeout=300) for t in tasks]
     assert all(t.returncode == 0 for t in tasks), outs
     assert "trained here: False" in outs[0][0] + outs[1][0]
-    out = run_python([script, *where, "--gather", "--check", "--subsets", "8"]).stdout
+    gathered = run_python([script, *where, "--gather", "--check", "--subsets", "8"])
+    out = gathered.stdout
+    assert "%|" not in gathered.stderr  # no progress bars (dattri's tqdm, silenced before torch imports it)
     assert "score matrix: 8 test examples x 400 training examples" in out
     assert "largest difference from one process's matrix: 0.0e+00" in out
     lds = [float(v) for v in re.findall(r"weight-0 retrains: (-?[\d.]+)", out)]
