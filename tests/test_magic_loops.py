@@ -363,3 +363,41 @@ def test_batches_with_extras_need_example_losses_and_options_are_checked() -> No
         bad = torch.optim.SGD(model.parameters(), lr=0.1)
         bad.param_groups[0]["lr_decay"] = 0.5
         magic.metagradient(model, loader, bad, **kw)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adam"])
+def test_the_flat_adam_step_equals_the_per_parameter_step_and_its_derivatives(kind) -> None:
+    """The differentiated Adam/AdamW step runs on one flat vector of all parameters (per-element
+    hyperparameters): its values and vector-Jacobian products equal the step taken a parameter at
+    a time, with three param groups (maximize, other lr/betas/eps/weight decay), a parameter that
+    had no gradient before (no state yet) and one without a gradient now."""
+    from seedreg.magic.steps import TorchSteps
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)).double()
+    cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+    opt = cls([{"params": model[0].parameters(), "lr": 0.01, "weight_decay": 0.1, "betas": (0.9, 0.99)},
+               {"params": model[1].parameters(), "lr": 0.02, "weight_decay": 0.0, "maximize": True, "eps": 1e-6},
+               {"params": model[2].parameters(), "lr": 0.03, "weight_decay": 0.05, "betas": (0.8, 0.95)}])
+    model[0](torch.randn(5, 4, dtype=torch.float64)).sum().backward()  # one step: state for model[0] only
+    opt.step()
+    steps = TorchSteps(opt, model)
+    groups = [opt.param_groups[g] for g in steps.group_of]
+    params = [torch.randn_like(p, requires_grad=True) for p in steps.params]
+    grads = [None if i == 3 else torch.randn_like(p, requires_grad=True) for i, p in enumerate(steps.params)]  # model[1].bias: none
+    slots = [None if s is None else (s + torch.rand_like(s)).requires_grad_() for s in steps.slots()]
+    assert any(s is None for s in slots) and any(s is not None for s in slots)
+    flat = steps._adam_flat(params, grads, slots, groups)
+    each = steps._adam(params, grads, slots, groups)
+    outputs = [(a, b) for a, b in zip(flat[0] + flat[1], each[0] + each[1]) if a is not None and a.requires_grad]
+    assert len(outputs) == len([b for b in each[0] + each[1] if b is not None and b.requires_grad])
+    for a, b in outputs:
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+    leaves = [t for t in params + grads + slots if t is not None]
+    cotangents = [torch.randn_like(a) for a, _ in outputs]
+    d_flat = torch.autograd.grad([a for a, _ in outputs], leaves, cotangents, allow_unused=True)
+    d_each = torch.autograd.grad([b for _, b in outputs], leaves, cotangents, allow_unused=True)
+    for x, y in zip(d_flat, d_each):
+        assert (x is None) == (y is None) or torch.count_nonzero(x if y is None else y) == 0
+        if x is not None and y is not None:
+            assert torch.allclose(x, y, rtol=1e-12, atol=1e-14)
