@@ -167,7 +167,6 @@ class TorchSteps:
             new_params.append(torch.addcdiv(p, m, denom, value=-lr / (1 - beta1**t)))
         return new_params, firsts + seconds + maxima
 
-
     def _adam_flat(self, params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]], slots: Slots,
                    groups: Sequence[Dict[str, Any]]) -> Tuple[List[torch.Tensor], Slots]:
         """:meth:`_adam`'s step for all parameters at once, on one flat vector each of parameters,
