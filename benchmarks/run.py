@@ -572,6 +572,16 @@ def bench_checkpoints(t: Table, q: bool) -> None:
               note=f"{kept} states, {kept * size / 1e6:.2f} MB (every state: {every_states * size / 1e6:.1f} MB) bytes")
 
 
+def reverse_rows(t: Table, name: str, stats: List[Dict[str, float]], base: float) -> None:
+    """The reverse pass against one training run (medians of the runs' `stats`), and its parts:
+    re-running the steps with their graphs, and the VJPs through them."""
+    backward = statistics.median(s["seconds_backward"] for s in stats)
+    t.add(f"metagradient, {name}: the reverse pass alone vs one training run", backward, base, "<= 2x", backward / base <= 2.0)
+    for part, what in (("replay", "re-running the steps with their graphs"), ("vjp", "the VJPs through them")):
+        seconds = statistics.median(s[f"seconds_{part}"] for s in stats)
+        t.add(f"metagradient, {name}: of the reverse pass, {what}, vs one training run", seconds, base, "(measured)", True)
+
+
 def bench_metagradient(t: Table, q: bool) -> None:
     """magic.metagradient (sqrt schedule) against one plain training run of the same model and
     loader with torch.optim: a small MLP with BatchNorm, and the demo CNN; states kept, peak memory."""
@@ -631,11 +641,7 @@ def bench_metagradient(t: Table, q: bool) -> None:
         stats = runs[0][1].stats
         t.add(f"metagradient, sqrt schedule, {name} ({stats['steps']} steps) vs one training run", ours, base, "<= 3x (paper)",
               ours / base <= 3.0)
-        backward = statistics.median(r[1].stats["seconds_backward"] for r in runs)
-        t.add(f"metagradient, {name}: the reverse pass alone vs one training run", backward, base, "<= 2x", backward / base <= 2.0)
-        for part, what in (("replay", "re-running the steps with their graphs"), ("vjp", "the VJPs through them")):
-            seconds = statistics.median(r[1].stats[f"seconds_{part}"] for r in runs)
-            t.add(f"metagradient, {name}: of the reverse pass, {what}, vs one training run", seconds, base, "(measured)", True)
+        reverse_rows(t, name, [r[1].stats for r in runs], base)
         if name == "demo CNN":
             model, loader = parts()
             run = magic.train(model, loader, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), epochs=epochs,
@@ -752,11 +758,7 @@ def bench_metagradient_transformer(t: Table, q: bool) -> None:
     ours = statistics.median(r[0] for r in runs)
     name = "tiny GPT-2 fine-tuning (frozen embeddings, AdamW, warm-up, clipping)"
     t.add(f"metagradient, {name} vs one training run", ours, base, "<= 3x (paper)", ours / base <= 3.0)
-    backward = statistics.median(r[1]["seconds_backward"] for r in runs)
-    t.add("metagradient, tiny GPT-2: the reverse pass alone vs one training run", backward, base, "<= 2x", backward / base <= 2.0)
-    for part, what in (("replay", "re-running the steps with their graphs"), ("vjp", "the VJPs through them")):
-        seconds = statistics.median(r[1][f"seconds_{part}"] for r in runs)
-        t.add(f"metagradient, tiny GPT-2: of the reverse pass, {what}, vs one training run", seconds, base, "(measured)", True)
+    reverse_rows(t, "tiny GPT-2", [r[1] for r in runs], base)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -148,34 +148,36 @@ class Trained:
         weights = self._stepper.weights
         grad = torch.zeros((k, *weights.shape), dtype=weights.dtype, device=weights.device)
         passes = 0
-        timings: List[Dict[str, float]] = []  # each reverse pass's seconds replaying steps and in their VJPs
+        seconds = {"replay": 0.0, "vjp": 0.0}  # the reverse passes' time re-running steps and in their VJPs
         if any(bool(g.any()) for g in (*param_grads, *stat_grads)):  # else exactly 0: the reverse pass is linear
             size = k if chunk is None else chunk
             for lo in range(0, k, size):
-                grad[lo : lo + size] = self._reverse([g[lo : lo + size] for g in param_grads], [g[lo : lo + size] for g in stat_grads])
-                timings.append(self._checkpoints.seconds)
+                grad[lo : lo + size], spent = self._reverse([g[lo : lo + size] for g in param_grads],
+                                                            [g[lo : lo + size] for g in stat_grads])
+                for part, took in spent.items():
+                    seconds[part] += took
                 passes += 1
         self.model.train(self._was_training)
-        seconds = {part: sum(t[part] for t in timings) for part in ("replay", "vjp")}
         stats = {**self.stats, "seconds_backward": time.perf_counter() - started, "seconds_replay": seconds["replay"],
                  "seconds_vjp": seconds["vjp"], "reverse_passes": passes, "states_kept": self._checkpoints.peak_states,
                  "graphs_kept": self._checkpoints.kept_graphs}
         return MetagradientResult(grad=grad[0] if value.dim() == 0 else grad,
                                   target=float(value) if value.dim() == 0 else value.tolist(), model=self.model, stats=stats)
 
-    def _reverse(self, param_grads: List[torch.Tensor], stat_grads: List[torch.Tensor]) -> torch.Tensor:
-        """One reverse pass for a chunk of adjoints; the trained state is put back after it."""
+    def _reverse(self, param_grads: List[torch.Tensor], stat_grads: List[torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """One reverse pass for a chunk of adjoints, and its seconds by part; the trained state is
+        put back after it."""
         checkpoints, stepper = self._checkpoints, self._stepper
         world = stepper.ranks.world  # each rank holds its share of the adjoint (ranks.py)
         adjoint = Adjoint([g / world for g in param_grads] if world > 1 else param_grads,
                           [g / world for g in stat_grads] if world > 1 else stat_grads, stepper.weights)
         trained = checkpoints.capture()
         self.model.train()
-        checkpoints.reverse_kept(stepper, adjoint, Progress(self._total), trained)
+        seconds = checkpoints.reverse_kept(stepper, adjoint, Progress(self._total), trained)
         # the reverse pass left the state before step 0: put the trained one back (model, gradients,
         # optimizer, scheduler, generators and loader positions as the plain loop leaves them)
         checkpoints.apply_state(trained, last_use=True)
-        return stepper.ranks.sum_(adjoint.grad)
+        return stepper.ranks.sum_(adjoint.grad), seconds
 
 
 def train(

@@ -55,7 +55,6 @@ class RunCheckpoints(StepCheckpoints):
     and keeps its states in a run store's directory (claimed, or adopted from another process)."""
 
     batches: BatchCache
-    seconds: Dict[str, float]  # the last reverse pass's: re-running steps ("replay"), their VJPs ("vjp")
 
     def claim(self, directory: pathlib.Path) -> None:
         """Keep states in `directory`, replacing the states of an interrupted run of this store."""
@@ -64,20 +63,21 @@ class RunCheckpoints(StepCheckpoints):
 
     kept_graphs = True  # False once a kept segment did not reproduce the run (then: recomputed exactly)
 
-    def reverse_kept(self, stepper: Stepper, adjoint: Adjoint, progress: "Progress", final: Dict[str, Any]) -> None:
+    def reverse_kept(self, stepper: Stepper, adjoint: Adjoint, progress: "Progress", final: Dict[str, Any]) -> Dict[str, float]:
         """The reverse pass, each segment's steps taken once with their graphs kept and then pulled
         back in reverse, when the segment reproduces the run bit for bit (checked against the next
         checkpoint, or the trained state); otherwise, and for the log schedule, recomputed exactly
-        (the state before each step restored, the step differentiated again)."""
+        (the state before each step restored, the step differentiated again). Returns the seconds
+        spent re-running steps (``"replay"``) and differentiating them and pulling back (``"vjp"``)."""
         done = [0]
-        self.seconds = {"replay": 0.0, "vjp": 0.0}  # re-running steps; differentiating them and pulling back
+        seconds = {"replay": 0.0, "vjp": 0.0}
 
         def timed(part: str, fn: Callable[..., Any], *args: Any) -> Any:
             started = time.perf_counter()
             try:
                 return fn(*args)
             finally:
-                self.seconds[part] += time.perf_counter() - started
+                seconds[part] += time.perf_counter() - started
 
         def pull(s: int, indices: torch.Tensor, batch: Any) -> None:
             timed("vjp", stepper.pull, s, indices, batch, adjoint)
@@ -89,7 +89,7 @@ class RunCheckpoints(StepCheckpoints):
 
         if self.every is None:
             self.reverse(pull, forward=take)
-            return
+            return seconds
         # the state each kept segment must end in: the trained state, then each later segment's start
         # (read once: a store's states are not read from disk twice)
         expected = self._get(self.done)["model"] if self.done in self.saved else final["model"]
@@ -115,6 +115,7 @@ class RunCheckpoints(StepCheckpoints):
                 done[0] += 1
                 progress("backward", done[0])
         self.loader.seek(0)
+        return seconds
 
     def adopt(self, directory: pathlib.Path, run: str, saved: List[int], done: int) -> None:
         """Read the states another process wrote for this run (each checked against its digest)."""

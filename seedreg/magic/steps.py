@@ -106,9 +106,6 @@ class TorchSteps:
         groups = [self.optimizer.param_groups[g] for g in self.group_of]
         if self.kind == "sgd":
             return self._sgd(params, grads, slots, groups)
-        active = [p for p, g in zip(params, grads) if g is not None]
-        if len(active) > 1 and not any(h["amsgrad"] for h in groups) and len({(p.dtype, p.device) for p in active}) == 1:
-            return self._adam_flat(params, grads, slots, groups)
         return self._adam(params, grads, slots, groups)
 
     @staticmethod
@@ -139,87 +136,70 @@ class TorchSteps:
 
     def _adam(self, params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]], slots: Slots,
               groups: Sequence[Dict[str, Any]]) -> Tuple[List[torch.Tensor], Slots]:
+        """Adam/AdamW for all parameters at once: one flat vector each of parameters, gradients and
+        moments (per dtype and device), with per-element hyperparameters, split back at the end:
+        some twenty graph nodes for the reverse pass to walk instead of ten a parameter."""
         n = len(params)
         firsts, seconds, maxima = list(slots[:n]), list(slots[n : 2 * n]), list(slots[2 * n :])
-        new_params: List[torch.Tensor] = []
-        for i, (p, g, h, done) in enumerate(zip(params, grads, groups, self._steps_done())):
-            if g is None:
-                new_params.append(p)
-                continue
-            lr, (beta1, beta2), eps, wd = float(h["lr"]), (float(b) for b in h["betas"]), h["eps"], h["weight_decay"]
-            t = done + 1
-            g = -g if h["maximize"] else g
-            if wd != 0:
-                if h.get("decoupled_weight_decay", type(self.optimizer) is torch.optim.AdamW):
-                    p = p * (1 - lr * wd)
-                else:
-                    g = g + wd * p
-            first, sq, top = firsts[i], seconds[i], maxima[i]
-            # torch's lerp and addcmul as single ops (fewer graph nodes for the reverse pass to walk)
-            m = g * (1 - beta1) if first is None else torch.lerp(first, g, 1 - beta1)
-            v = g * g * (1 - beta2) if sq is None else torch.addcmul(sq * beta2, g, g, value=1 - beta2)
-            firsts[i], seconds[i] = m, v
-            second = v
-            if h["amsgrad"]:
-                second = torch.maximum(torch.zeros_like(p) if top is None else top, v)
-                maxima[i] = second
-            denom = safe_sqrt(second).div((1 - beta2**t) ** 0.5).add(eps)
-            new_params.append(torch.addcdiv(p, m, denom, value=-lr / (1 - beta1**t)))
-        return new_params, firsts + seconds + maxima
-
-    def _adam_flat(self, params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]], slots: Slots,
-                   groups: Sequence[Dict[str, Any]]) -> Tuple[List[torch.Tensor], Slots]:
-        """:meth:`_adam`'s step for all parameters at once, on one flat vector each of parameters,
-        gradients and moments with per-element hyperparameters, split back at the end: some twenty
-        graph nodes for the reverse pass to walk instead of ten a parameter (the tiny GPT-2 has 28)."""
-        n = len(params)
-        firsts, seconds = list(slots[:n]), list(slots[n : 2 * n])
-        active = [i for i in range(n) if grads[i] is not None]
-        done = self._steps_done()
-        like = params[active[0]]
-        sizes = [params[i].numel() for i in active]
-        counts = torch.tensor(sizes, device=like.device)
-
-        def per_element(values: Sequence[float]) -> Any:
-            """A float when every active parameter has the same value, else one value per element."""
-            if all(v == values[0] for v in values):
-                return float(values[0])
-            return torch.tensor(values, dtype=like.dtype, device=like.device).repeat_interleave(counts)
-
-        def flat(tensors: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
-            if all(t is None for t in tensors):
-                return None
-            return torch.cat([(torch.zeros_like(params[i]) if t is None else t).reshape(-1) for i, t in zip(active, tensors)])
-
-        hs = [groups[i] for i in active]
-        lr = [float(h["lr"]) for h in hs]
-        beta1, beta2 = [float(h["betas"][0]) for h in hs], [float(h["betas"][1]) for h in hs]
-        wd = [float(h["weight_decay"]) for h in hs]
-        adamw = type(self.optimizer) is torch.optim.AdamW
-        decoupled = [bool(h.get("decoupled_weight_decay", adamw)) for h in hs]
-        t = [done[i] + 1 for i in active]
-        p = flat([params[i] for i in active])
-        g = flat([grads[i] for i in active])
-        assert p is not None and g is not None
-        if any(h["maximize"] for h in hs):
-            g = g * per_element([-1.0 if h["maximize"] else 1.0 for h in hs])
-        l2 = [0.0 if d else w for d, w in zip(decoupled, wd)]
-        if any(l2):
-            g = g + per_element(l2) * p
-        decay = [1 - r * w if d else 1.0 for r, w, d in zip(lr, wd, decoupled)]
-        if any(f != 1.0 for f in decay):
-            p = p * per_element(decay)
-        m0, v0 = flat([firsts[i] for i in active]), flat([seconds[i] for i in active])
-        b1, b2 = per_element(beta1), per_element(beta2)
-        m = g * (1 - b1) if m0 is None else torch.lerp(m0, g, 1 - b1)
-        v = g * g * (1 - b2) if v0 is None else v0 * b2 + (1 - b2) * g * g
-        denom = safe_sqrt(v) / per_element([(1 - b**k) ** 0.5 for b, k in zip(beta2, t)]) + per_element([float(h["eps"]) for h in hs])
-        new_p = p - per_element([r / (1 - b**k) for r, b, k in zip(lr, beta1, t)]) * m / denom
         new_params = list(params)
-        for i, a, b, c in zip(active, new_p.split(sizes), m.split(sizes), v.split(sizes)):
-            new_params[i], firsts[i], seconds[i] = a.view(params[i].shape), b.view(params[i].shape), c.view(params[i].shape)
-        return new_params, firsts + seconds + list(slots[2 * n :])
+        done = self._steps_done()
+        adamw = type(self.optimizer) is torch.optim.AdamW
+        kinds: Dict[Any, List[int]] = {}  # the parameters with a gradient (torch skips the others), by dtype and device
+        for i in range(n):
+            if grads[i] is not None:
+                kinds.setdefault((params[i].dtype, params[i].device), []).append(i)
+        for active in kinds.values():
+            like = params[active[0]]
+            sizes = [params[i].numel() for i in active]
+            counts = torch.tensor(sizes, device=like.device)
 
+            def per_element(values: Sequence[float]) -> Any:
+                """A float when every parameter has the same value, else one value per element."""
+                if all(v == values[0] for v in values):
+                    return float(values[0])
+                return torch.tensor(values, dtype=like.dtype, device=like.device).repeat_interleave(counts)
+
+            def flat(tensors: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+                """One vector of `tensors` (zeros where torch keeps no state yet), or None if none is kept."""
+                if all(t is None for t in tensors):
+                    return None
+                return torch.cat([(torch.zeros_like(params[i]) if t is None else t).reshape(-1) for i, t in zip(active, tensors)])
+
+            hs = [groups[i] for i in active]
+            lr = [float(h["lr"]) for h in hs]
+            beta1, beta2 = [float(h["betas"][0]) for h in hs], [float(h["betas"][1]) for h in hs]
+            wd = [float(h["weight_decay"]) for h in hs]
+            decoupled = [bool(h.get("decoupled_weight_decay", adamw)) for h in hs]
+            t = [done[i] + 1 for i in active]
+            p0 = flat([params[i] for i in active])
+            g = flat([grads[i] for i in active])
+            assert p0 is not None and g is not None
+            if any(h["maximize"] for h in hs):
+                g = g * per_element([-1.0 if h["maximize"] else 1.0 for h in hs])
+            l2 = [0.0 if d else w for d, w in zip(decoupled, wd)]
+            if any(l2):
+                g = g + per_element(l2) * p0
+            decay = [1 - r * w if d else 1.0 for r, w, d in zip(lr, wd, decoupled)]
+            p = p0 * per_element(decay) if any(f != 1.0 for f in decay) else p0
+            m0, v0 = flat([firsts[i] for i in active]), flat([seconds[i] for i in active])
+            b1, b2 = per_element(beta1), per_element(beta2)
+            m = g * (1 - b1) if m0 is None else torch.lerp(m0, g, 1 - b1)
+            v = g * g * (1 - b2) if v0 is None else v0 * b2 + (1 - b2) * g * g
+            second = v
+            ams = [bool(h["amsgrad"]) for h in hs]
+            if any(ams):  # the running maximum of v (from zeros), where the group asks for it
+                tops = flat([maxima[i] for i in active])
+                top = torch.maximum(torch.zeros_like(v) if tops is None else tops, v)
+                second = top if all(ams) else torch.where(per_element([float(a) for a in ams]) > 0, top, v)
+            denom = safe_sqrt(second) / per_element([(1 - b**k) ** 0.5 for b, k in zip(beta2, t)]) + per_element(
+                [float(h["eps"]) for h in hs])
+            new_p = p - per_element([r / (1 - b**k) for r, b, k in zip(lr, beta1, t)]) * m / denom
+            for i, a, b, c, e in zip(active, new_p.split(sizes), m.split(sizes), v.split(sizes), second.split(sizes)):
+                shape = params[i].shape
+                new_params[i], firsts[i], seconds[i] = a.view(shape), b.view(shape), c.view(shape)
+                if groups[i]["amsgrad"]:
+                    maxima[i] = e.view(shape)
+        return new_params, firsts + seconds + maxima
 
 class FunctionalSteps:
     """seedreg's functional ``magic.SGD``/``Adam``/``AdamW``: every trainable parameter of the model,
